@@ -1,0 +1,504 @@
+"""BiGS, the bidirectional gated state-space encoder of "Pretraining Without Attention"
+(Wang, Yan, Gu, Rush, 2022), as pure JAX functions over plain dicts of arrays.
+
+Read top to bottom next to the paper:
+  1. the S4D state-space model: its convolution kernel K, the convolution, and the same SSM as a recurrence;
+  2. the gated bidirectional block (V, F, B, U_F, U_B, U, O);
+  3. embeddings, the encoder (a stack of blocks), the pooler and the heads;
+  4. initialisation, and reading and writing official Flax checkpoints.
+
+Shapes: B batch, L sequence length, H hidden_size, I intermediate_size, N num_ssm (complex modes),
+V vocab_size. The computation equals the official Flax implementation (tests: test_bigs.py).
+"""
+
+import dataclasses
+import json
+import os
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# ----------------------------------------------------------------------------------------------------
+# Configuration. Field names and defaults are those of the official BiGSConfig, so an official
+# config.json (which omits fields left at their default) reads back to the same model.
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    vocab_size: int = 30522
+    hidden_size: int = 768  # H
+    intermediate_size: int = 3072  # I
+    num_hidden_layers: int = 24
+    num_ssm: int = 64  # N, complex modes of each SSM
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    initializer_range: float = 0.02
+    hidden_dropout_prob: float = 0.1
+    classifier_dropout: float | None = None  # None: hidden_dropout_prob
+    pad_token_id: int = 0
+    pooler_type: str = "non_padding_mean"  # or "mean" (over every position, pads included)
+    scaling: str = "hippo"  # SSM initialisation: "hippo", "lin" or "inv"
+    num_labels: int = 2
+    tie_word_embeddings: bool = True
+    # Not in the official config: zero the SSM inputs at pad positions, so that pads cannot reach real
+    # tokens (the official encoder ignores attention_mask). False reproduces the official outputs.
+    mask_padding: bool = True
+    dtype: str = "float32"  # compute dtype of the matmuls: "float32" or "bfloat16"
+
+
+PRESETS = {
+    # The reference checkpoints' shape, for tests.
+    "tiny": Config(vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_ssm=8,
+                   max_position_embeddings=64),
+    # Default of train.py: trains on a 2-core CPU in minutes at 4096 tokens.
+    "small": Config(vocab_size=8192, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                    num_ssm=16, max_position_embeddings=4096),
+    "base": Config(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, max_position_embeddings=4096),
+    # The paper's model (BiGS-large: 23 layers, H=1024, I=3072, N=64, BERT's uncased vocabulary).
+    "large": Config(hidden_size=1024, intermediate_size=3072, num_hidden_layers=23, max_position_embeddings=4096),
+}
+
+# ----------------------------------------------------------------------------------------------------
+# 1. The S4D state-space model (one per direction per layer; B = 1; one kernel shared by all H channels).
+#    Continuous: x'(t) = A x(t) + u(t),  y(t) = Re(C x(t)) + D u(t),  A = diag(A_1..A_N) complex.
+#    Zero-order hold with step dt:  Abar = exp(dt A),  Bbar = (exp(dt A) - 1) / A.
+
+
+def ssm_parameters(p):
+    """A (N,) complex, C (N,) complex and the step dt (1,) of one SSM's stored parameters."""
+    A = jnp.minimum(p["A_re"], -1e-4) + 1j * p["A_im"]  # real part kept negative: a stable SSM
+    C = p["C"][:, 0] + 1j * p["C"][:, 1]
+    return A, C, jnp.exp(p["log_step"])
+
+
+def ssm_kernel(p, L):
+    """The SSM's convolution kernel K (L,): K[l] = Re sum_n C_n Bbar_n Abar_n^l, with Abar^l = exp(l dt A)."""
+    A, C, dt = ssm_parameters(p)
+    Bbar = (jnp.exp(dt * A) - 1) / A  # (N,)
+    l = jnp.arange(L)[:, None]  # (L, 1)
+    return jnp.sum(C * Bbar * jnp.exp((l * dt) * A), axis=-1).real  # (L,)
+
+
+def causal_conv(u, K):
+    """y[t] = sum_{s<=t} K[t-s] u[s] along axis 1 of u (B, L, H), by FFTs of length 2L (no wrap-around)."""
+    L = u.shape[1]
+    y = jnp.fft.irfft(jnp.fft.rfft(u, n=2 * L, axis=1) * jnp.fft.rfft(K, n=2 * L)[:, None], n=2 * L, axis=1)
+    return y[:, :L]
+
+
+def ssm(p, u):
+    """The SSM as a convolution: y = K * u + D u.  u, y: (B, L, H), float32 (jnp.fft rejects bfloat16)."""
+    u = u.astype(jnp.float32)
+    return causal_conv(u, ssm_kernel(p, u.shape[1])) + p["D"] * u
+
+
+def ssm_recurrent(p, u):
+    """The same SSM step by step: x_k = Abar x_{k-1} + Bbar u_k, y_k = Re(C x_k) + D u_k.  u, y: (B, L, H)."""
+    A, C, dt = ssm_parameters(p)
+    Abar = jnp.exp(dt * A)  # (N,)
+    Bbar = (Abar - 1) / A  # (N,)
+
+    def step(x, u_k):  # x: (B, H, N) complex state, u_k: (B, H)
+        x = Abar * x + Bbar * u_k[..., None]
+        return x, (x @ C).real + p["D"] * u_k
+
+    x0 = jnp.zeros(u.shape[:1] + u.shape[2:] + Abar.shape, jnp.complex64)
+    return jax.lax.scan(step, x0, jnp.swapaxes(u, 0, 1))[1].swapaxes(0, 1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 2. The gated bidirectional block. Every dense layer has a bias; the layers use the tanh GELU.
+
+
+def dense(p, x, dtype):
+    return jnp.dot(x.astype(dtype), p["kernel"].astype(dtype)) + p["bias"].astype(dtype)
+
+
+def layer_norm(p, x, eps):
+    x = x.astype(jnp.float32)
+    mean = x.mean(-1, keepdims=True)
+    var = jnp.square(x - mean).mean(-1, keepdims=True)
+    return (x - mean) * jax.lax.rsqrt(var + eps) * p["scale"] + p["bias"]
+
+
+def gelu(x):
+    return jax.nn.gelu(x, approximate=True)
+
+
+def flip(x):
+    return jnp.flip(x, axis=1)  # reverse the sequence axis of (B, L, ...)
+
+
+def bigs_layer(p, x, mask, config):
+    """One BiGS layer, pre-norm: x + O(LayerNorm(x)).  x: (B, L, H); mask: (B, L, 1) of 0/1, or None."""
+    dt = jnp.dtype(config.dtype)
+    X = layer_norm(p["norm"], x, config.layer_norm_eps)
+    V = gelu(dense(p["W_v"], X, dt))  # (B, L, I)  the gate
+    F = gelu(dense(p["W_f"], X, dt))  # (B, L, H)  input of the forward SSM
+    B = gelu(dense(p["W_b"], flip(X), dt))  # (B, L, H)  input of the backward SSM: the reversed sequence
+    if mask is not None:  # pads feed nothing into either SSM
+        F, B = F * mask.astype(dt), B * flip(mask).astype(dt)
+    U_F = dense(p["W_uf"], ssm(p["ssm_f"], F), dt)  # (B, L, H)
+    U_B = flip(dense(p["W_ub"], ssm(p["ssm_b"], B), dt))  # (B, L, H)  back in reading order
+    U = gelu(dense(p["W_l"], U_F * U_B, dt))  # (B, L, I)  multiplicative gating of the two directions
+    O = dense(p["W_o"], U * V, dt)  # (B, L, H)
+    return x + O.astype(jnp.float32)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3. Embeddings, encoder, pooler, heads.
+
+
+def dropout(x, rate, rng):
+    """Inverted dropout; rng None means evaluation (identity)."""
+    if rng is None or rate == 0:
+        return x
+    keep = jax.random.bernoulli(rng, 1 - rate, x.shape)
+    return jnp.where(keep, x / (1 - rate), 0).astype(x.dtype)
+
+
+def embed(p, config, input_ids, token_type_ids, rng):
+    """Word + learned absolute position + token type, LayerNorm, dropout.  (B, L) -> (B, L, H)."""
+    x = p["word"][input_ids] + p["token_type"][token_type_ids] + p["position"][: input_ids.shape[1]]
+    return dropout(layer_norm(p["norm"], x, config.layer_norm_eps), config.hidden_dropout_prob, rng)
+
+
+def encode(params, config, input_ids, attention_mask=None, token_type_ids=None, rng=None):
+    """Embeddings, then the stack of BiGS layers (scanned over their stacked parameters).  -> (B, L, H)."""
+    L = input_ids.shape[-1]
+    if not 1 <= L <= config.max_position_embeddings:
+        raise ValueError(f"sequence length {L} is outside 1..max_position_embeddings={config.max_position_embeddings}")
+    if token_type_ids is None:
+        token_type_ids = jnp.zeros_like(input_ids)
+    x = embed(params["embeddings"], config, input_ids, token_type_ids, rng)
+    mask = None
+    if config.mask_padding and attention_mask is not None:
+        mask = attention_mask[..., None].astype(jnp.float32)
+    x, _ = jax.lax.scan(lambda x, p: (bigs_layer(p, x, mask, config), None), x, params["layers"])
+    return x
+
+
+def pool(p, config, h, attention_mask):
+    """tanh(dense(mean of the hidden states)), over the real tokens ('non_padding_mean') or all ('mean')."""
+    if config.pooler_type == "mean" or attention_mask is None:
+        mean = h.mean(axis=1)
+    else:
+        m = attention_mask[..., None].astype(h.dtype)
+        mean = (h * m).sum(axis=1) / m.sum(axis=1)
+    return jnp.tanh(dense(p, mean, jnp.float32))
+
+
+def mlm_head(params, config, h, masked_positions=None):
+    """Masked-LM logits (B, L, V), or (B, M, V) at masked_positions (B, M) only: dense, exact GELU,
+    LayerNorm, then the decoder (tied: the word embeddings transposed) and a bias."""
+    p = params["mlm"]
+    if masked_positions is not None:
+        h = jnp.take_along_axis(h, masked_positions[..., None], axis=1)  # (B, M, H)
+    dt = jnp.dtype(config.dtype)
+    t = layer_norm(p["norm"], jax.nn.gelu(dense(p["dense"], h, dt), approximate=False), config.layer_norm_eps)
+    W = params["embeddings"]["word"].T if config.tie_word_embeddings else p["decoder"]  # (H, V)
+    return (jnp.dot(t.astype(dt), W.astype(dt)) + p["bias"].astype(dt)).astype(jnp.float32)
+
+
+HEADS = ("mlm", "classification", "token_classification", "question_answering", "multiple_choice")
+
+
+def forward(params, config, input_ids, attention_mask=None, token_type_ids=None, *, head, train=False, rng=None,
+            masked_positions=None):
+    """The model with one head. Returns
+      mlm: logits (B, L, V), or (B, M, V) at masked_positions (B, M);
+      classification: (B, num_labels) (num_labels = 1: a regression score);
+      token_classification: (B, L, num_labels);
+      question_answering: (start_logits, end_logits), each (B, L);
+      multiple_choice: input (B, C, L), logits (B, C).
+    train=True applies dropout where the official model has it, drawn from rng."""
+    if head not in HEADS:
+        raise ValueError(f"unknown head {head!r}; one of {', '.join(HEADS)}")
+    if train and rng is None:
+        raise ValueError("train=True needs rng (a jax.random key) for dropout")
+    rng_embed, rng_head = jax.random.split(rng) if train else (None, None)
+    if head == "multiple_choice":  # every choice is a sequence of its own
+        num_choices = input_ids.shape[1]
+        flat = lambda a: None if a is None else a.reshape(-1, a.shape[-1])
+        input_ids, attention_mask, token_type_ids = flat(input_ids), flat(attention_mask), flat(token_type_ids)
+    h = encode(params, config, input_ids, attention_mask, token_type_ids, rng_embed)
+    if head == "mlm":
+        return mlm_head(params, config, h, masked_positions)
+    if head == "token_classification":
+        return dense(params["classifier"], dropout(h, config.hidden_dropout_prob, rng_head), jnp.float32)
+    if head == "question_answering":
+        logits = dense(params["qa_outputs"], h, jnp.float32)  # (B, L, 2)
+        return logits[..., 0], logits[..., 1]
+    pooled = pool(params["pooler"], config, h, attention_mask)  # (B, H)
+    if head == "multiple_choice":
+        pooled = dropout(pooled, config.hidden_dropout_prob, rng_head)
+        return dense(params["classifier"], pooled, jnp.float32).reshape(-1, num_choices)
+    rate = config.hidden_dropout_prob if config.classifier_dropout is None else config.classifier_dropout
+    return dense(params["classifier"], dropout(pooled, rate, rng_head), jnp.float32)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4. Initialisation (the official one).
+
+
+def hippo_imag(N):
+    """Imaginary parts of the eigenvalues of the normal part of HiPPO-LegS (N,), ascending; real parts are -1/2."""
+    q = np.sqrt(1 + 2 * np.arange(N))
+    hippo = np.tril(q[:, None] * q[None, :]) - np.diag(np.arange(N))  # HiPPO-LegS, A = -hippo
+    p = np.sqrt(np.arange(N) + 0.5)
+    S = -hippo + p[:, None] * p[None, :]  # = -1/2 I + a skew-symmetric matrix
+    return np.linalg.eigvalsh(-1j * S)
+
+
+def ssm_init(key, N, scaling):
+    n = np.arange(N)
+    A_im = {"hippo": lambda: hippo_imag(N), "lin": lambda: np.pi * n,
+            "inv": lambda: (N / np.pi) * (N / (2 * n + 1) - 1)}[scaling]()
+    kc, kd = jax.random.split(key)
+    return {
+        "A_re": jnp.full((N,), -0.5),
+        "A_im": jnp.asarray(A_im, jnp.float32),
+        "C": jax.random.normal(kc, (N, 2)) * np.sqrt(0.5),
+        "D": jnp.ones((1,)),
+        "log_step": jax.random.uniform(kd, (1,), minval=np.log(0.01), maxval=np.log(1.0)),
+    }
+
+
+def init_params(config, key, head="mlm"):
+    """Parameters of the encoder and one head, drawn as the official code draws them. Layers are stacked:
+    each leaf of params['layers'] has a leading axis of length num_hidden_layers."""
+    if config.scaling not in ("hippo", "lin", "inv"):
+        raise ValueError(f"unknown scaling {config.scaling!r}; one of hippo, lin, inv")
+    if head not in HEADS:
+        raise ValueError(f"unknown head {head!r}; one of {', '.join(HEADS)}")
+    H, I, N, s = config.hidden_size, config.intermediate_size, config.num_ssm, config.initializer_range
+    keys = iter(jax.random.split(key, 16))
+    normal = lambda k, shape: s * jax.random.normal(k, shape)
+    lecun = lambda k, shape: jax.nn.initializers.lecun_normal()(k, shape)  # Flax's default for the heads
+    linear = lambda k, n_in, n_out, init=normal: {"kernel": init(k, (n_in, n_out)), "bias": jnp.zeros((n_out,))}
+    norm = lambda: {"scale": jnp.ones((H,)), "bias": jnp.zeros((H,))}
+
+    def layer(k):
+        k = jax.random.split(k, 9)
+        return {"norm": norm(), "W_v": linear(k[0], H, I), "W_f": linear(k[1], H, H), "W_b": linear(k[2], H, H),
+                "W_uf": linear(k[3], H, H), "W_ub": linear(k[4], H, H), "W_l": linear(k[5], H, I),
+                "W_o": linear(k[6], I, H),
+                "ssm_f": ssm_init(k[7], N, config.scaling), "ssm_b": ssm_init(k[8], N, config.scaling)}
+
+    layer_keys = jax.random.split(next(keys), config.num_hidden_layers)
+    params = {
+        "embeddings": {"word": normal(next(keys), (config.vocab_size, H)),
+                       "position": normal(next(keys), (config.max_position_embeddings, H)),
+                       "token_type": normal(next(keys), (config.type_vocab_size, H)), "norm": norm()},
+        "layers": jax.tree.map(lambda *leaves: jnp.stack(leaves), *[layer(k) for k in layer_keys]),
+    }
+    if head == "mlm":
+        params["mlm"] = {"dense": linear(next(keys), H, H, lecun), "norm": norm(),
+                         "bias": jnp.zeros((config.vocab_size,))}
+        if not config.tie_word_embeddings:
+            params["mlm"]["decoder"] = normal(next(keys), (H, config.vocab_size))
+    if head in ("classification", "multiple_choice"):
+        params["pooler"] = linear(next(keys), H, H)
+    if head in ("classification", "token_classification"):
+        params["classifier"] = linear(next(keys), H, config.num_labels, lecun)
+    if head == "multiple_choice":
+        params["classifier"] = linear(next(keys), H, 1, lecun)
+    if head == "question_answering":
+        params["qa_outputs"] = linear(next(keys), H, 2, lecun)  # start and end logits
+    return params
+
+
+# ----------------------------------------------------------------------------------------------------
+# 5. Checkpoints: a folder with config.json and flax_model.msgpack, the official format, written and read
+#    with the official parameter names so that official checkpoints and ours are interchangeable.
+
+ARCHITECTURES = {"mlm": "BiGSForMaskedLM", "classification": "BiGSForSequenceClassification",
+                 "token_classification": "BiGSForTokenClassification",
+                 "question_answering": "BiGSForQuestionAnswering", "multiple_choice": "BiGSForMultipleChoice"}
+
+# Our parameter path prefix -> the official one. Layer entries sit under s4_bert/encoder/layer/<i>/.
+OFFICIAL_NAMES = {
+    "embeddings/word": "s4_bert/embeddings/word_embeddings/embedding",
+    "embeddings/position": "s4_bert/embeddings/position_embeddings/embedding",
+    "embeddings/token_type": "s4_bert/embeddings/token_type_embeddings/embedding",
+    "embeddings/norm": "s4_bert/embeddings/LayerNorm",
+    "layers/norm": "LayerNorm", "layers/W_v": "dv", "layers/W_f": "du_forward", "layers/W_b": "du_backward",
+    "layers/W_uf": "duc_forward", "layers/W_ub": "duc_backward", "layers/W_l": "dol", "layers/W_o": "do",
+    "layers/ssm_f": "fs4", "layers/ssm_b": "bs4",
+    "pooler": "s4_bert/pooler/dense",
+    "mlm/dense": "cls/predictions/transform/dense", "mlm/norm": "cls/predictions/transform/LayerNorm",
+    "mlm/bias": "cls/predictions/bias", "mlm/decoder": "cls/predictions/decoder/kernel",
+    "classifier": "classifier", "qa_outputs": "qa_outputs",
+}
+
+
+def flatten(tree, prefix=""):
+    """{'a': {'b': x}} -> {'a/b': x}"""
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    return {k: v for key, sub in tree.items() for k, v in flatten(sub, f"{prefix}/{key}" if prefix else key).items()}
+
+
+def unflatten(flat):
+    tree = {}
+    for path, value in flat.items():
+        *parents, leaf = path.split("/")
+        node = tree
+        for name in parents:
+            node = node.setdefault(name, {})
+        node[leaf] = value
+    return tree
+
+
+def official_path(path, layer=None):
+    prefix = max((k for k in OFFICIAL_NAMES if path == k or path.startswith(k + "/")), key=len)
+    name = OFFICIAL_NAMES[prefix] + path[len(prefix):]
+    return name if layer is None else f"s4_bert/encoder/layer/{layer}/{name}"
+
+
+def to_official(params):
+    """Our params -> {official '/'-joined path: array}, the layers unstacked."""
+    out = {}
+    for path, x in flatten(params).items():
+        x = np.asarray(x)
+        if path.startswith("layers/"):
+            out.update({official_path(path, i): x[i] for i in range(x.shape[0])})
+        else:
+            out[official_path(path)] = x
+    return out
+
+
+# msgpack as Flax writes it: nested maps; each array an ext object (code 1) holding (shape, dtype name, bytes).
+def _pack_array(x):
+    import msgpack
+    x = np.ascontiguousarray(x)
+    return msgpack.ExtType(1, msgpack.packb((x.shape, x.dtype.name, x.tobytes()), use_bin_type=True))
+
+
+def _unpack_array(code, data):
+    import msgpack
+    if code != 1:
+        raise ValueError(f"unsupported msgpack ext type {code} (only arrays, type 1, are expected)")
+    shape, dtype, buffer = msgpack.unpackb(data, raw=False)
+    return np.frombuffer(buffer, dtype=np.dtype(dtype)).reshape(shape)
+
+
+def save_msgpack(path, flat):
+    """Writes {'/'-joined path: array} as a Flax msgpack file, atomically (a temporary file, then a rename)."""
+    import msgpack
+    data = msgpack.packb(unflatten({k: _pack_array(v) for k, v in flat.items()}), use_bin_type=True)
+    write_atomic(path, data)
+
+
+def load_msgpack(path):
+    import msgpack
+    with open(path, "rb") as f:
+        return flatten(msgpack.unpackb(f.read(), ext_hook=_unpack_array, raw=False, strict_map_key=False))
+
+
+def write_atomic(path, data):
+    """Write bytes to path so that a crash leaves either the old file or the new one, never half of one."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def config_from_json(d):
+    """Config from an official (or our) config.json dict; unknown keys are ignored."""
+    for key, supported in (("hidden_act", "gelu"), ("pre_norm", True), ("position_embedding_type", "absolute")):
+        if d.get(key, supported) != supported:
+            raise ValueError(f"config.json has {key}={d[key]!r}; only {supported!r} is supported")
+    names = {f.name for f in dataclasses.fields(Config)}
+    kwargs = {k: v for k, v in d.items() if k in names}
+    if "id2label" in d:  # the official config writes num_labels only through id2label
+        kwargs["num_labels"] = len(d["id2label"])
+    return Config(**kwargs)
+
+
+def head_of(d):
+    """The head named by a config.json's 'architectures' (default: mlm)."""
+    arch = (d.get("architectures") or ["BiGSForMaskedLM"])[0]
+    heads = {v: k for k, v in ARCHITECTURES.items()}
+    if arch not in heads:
+        raise ValueError(f"config.json names architecture {arch!r}; known: {', '.join(heads)}")
+    return heads[arch]
+
+
+def save_pretrained(path, config, params, head="mlm"):
+    """Writes config.json and flax_model.msgpack into the folder path (created if needed)."""
+    os.makedirs(path, exist_ok=True)
+    save_msgpack(os.path.join(path, "flax_model.msgpack"), to_official(params))
+    d = dict(dataclasses.asdict(config), architectures=[ARCHITECTURES[head]], model_type="BiGS")
+    if head == "classification":
+        d["id2label"] = {str(i): f"LABEL_{i}" for i in range(config.num_labels)}
+    write_atomic(os.path.join(path, "config.json"), json.dumps(d, indent=2).encode())
+
+
+def from_pretrained(path_or_hub_id, **overrides):
+    """(config, params) from a checkpoint folder (official Flax or ours) or a hub id such as
+    'JunxiongWang/BiGS_4096' (downloaded with huggingface_hub). overrides replace config fields, e.g.
+    mask_padding=False or dtype='bfloat16'. Every parameter must be present with its expected shape."""
+    path = path_or_hub_id
+    if not os.path.isdir(path):
+        if os.path.exists(path) or path.count("/") != 1:
+            raise FileNotFoundError(f"{path}: not a checkpoint folder (config.json + flax_model.msgpack) nor a hub id")
+        import huggingface_hub
+        path = huggingface_hub.snapshot_download(path, allow_patterns=["config.json", "flax_model.msgpack"])
+    files = [os.path.join(path, name) for name in ("config.json", "flax_model.msgpack")]
+    for f in files:
+        if not os.path.isfile(f):
+            raise FileNotFoundError(f"{f}: missing (a checkpoint folder holds config.json and flax_model.msgpack)")
+    with open(files[0]) as f:
+        d = json.load(f)
+    config = dataclasses.replace(config_from_json(d), **overrides)
+    head = head_of(d)
+    found = load_msgpack(files[1])
+    expected = jax.eval_shape(lambda: init_params(config, jax.random.key(0), head))
+    flat = {}
+    for ours, spec in flatten(expected).items():
+        if ours.startswith("layers/"):
+            names = [official_path(ours, i) for i in range(config.num_hidden_layers)]
+            shape = spec.shape[1:]
+        else:
+            names, shape = [official_path(ours)], spec.shape
+        arrays = []
+        for name in names:
+            if name not in found:
+                raise ValueError(f"{files[1]}: parameter {name} is missing (expected shape {tuple(shape)})")
+            x = found.pop(name)
+            if x.shape != tuple(shape):
+                raise ValueError(f"{files[1]}: parameter {name} has shape {x.shape}, config.json implies {tuple(shape)}")
+            arrays.append(x)
+        flat[ours] = jnp.asarray(np.stack(arrays) if ours.startswith("layers/") else arrays[0], spec.dtype)
+    if found:
+        raise ValueError(f"{files[1]}: unknown parameter(s) for {ARCHITECTURES[head]}: {', '.join(sorted(found))}")
+    return config, unflatten(flat)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The official README's demo: the most likely tokens for each [MASK].
+
+
+def fill_mask(params, config, tokenizer, text, top_k=5):
+    """[[(token, probability), ...] for each [MASK] in text], most likely first. tokenizer: a
+    `tokenizers.Tokenizer` with BERT's special tokens (its post-processor adds [CLS] and [SEP])."""
+    ids = tokenizer.encode(text).ids
+    mask_id = tokenizer.token_to_id("[MASK]")
+    positions = [i for i, t in enumerate(ids) if t == mask_id]
+    if not positions:
+        raise ValueError(f"no [MASK] in {text!r}")
+    logits = forward(params, config, jnp.asarray([ids]), head="mlm", masked_positions=jnp.asarray([positions]))
+    probs = jax.nn.softmax(logits[0], axis=-1)  # (M, V)
+    top = jnp.argsort(-probs, axis=-1)[:, :top_k]
+    return [[(tokenizer.id_to_token(int(t)), float(probs[m, t])) for t in top[m]] for m in range(len(positions))]
