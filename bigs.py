@@ -259,7 +259,7 @@ def ssm_init(key, N, scaling):
             "inv": lambda: (N / np.pi) * (N / (2 * n + 1) - 1)}[scaling]()
     kc, kd = jax.random.split(key)
     return {
-        "A_re": jnp.full((N,), -0.5),
+        "A_re": jnp.full((N,), -0.5, jnp.float32),
         "A_im": jnp.asarray(A_im, jnp.float32),
         "C": jax.random.normal(kc, (N, 2)) * np.sqrt(0.5),
         "D": jnp.ones((1,)),
