@@ -352,3 +352,211 @@ def test_fill_mask():
     logits = bigs.forward(params, config, jnp.asarray([ids]), head="mlm")[0, ids.index(4)]
     assert result[0][0][0] == tok.id_to_token(int(jnp.argmax(logits)))
     np.testing.assert_allclose(probs[0], float(jax.nn.softmax(logits).max()), rtol=1e-5)
+
+
+# ===================================================================================================
+# train.py: masking, optimiser, schedule, checkpoints and resume, devices, bad input.
+
+import subprocess
+import sys
+
+import train
+
+
+def test_masking_statistics():
+    B, L, specials, mask_id, V = 64, 512, jnp.arange(5), 4, 1000
+    tokens = jax.random.randint(jax.random.key(0), (B, L), 5, V)
+    tokens = tokens.at[:, 0].set(2).at[:, -1].set(3).at[:, 100:110].set(3)  # [CLS] ... [SEP]s
+    inputs, positions, targets, weights = train.mask_tokens(jax.random.key(1), tokens, specials, mask_id, V)
+    M = round(0.15 * L)
+    assert positions.shape == (B, M) and np.all(weights == 1)
+    assert all(len(set(row.tolist())) == M for row in positions)  # M distinct positions per sequence
+    assert not np.any(np.isin(np.asarray(targets), specials))  # special tokens are never chosen
+    np.testing.assert_array_equal(targets, jnp.take_along_axis(tokens, positions, 1))
+    chosen = np.zeros((B, L), bool)
+    chosen[np.arange(B)[:, None], positions] = True
+    np.testing.assert_array_equal(inputs[~chosen], tokens[~chosen])  # nothing else changes
+    new = np.asarray(jnp.take_along_axis(inputs, positions, 1))
+    n = new.size
+    is_mask, same = (new == mask_id).mean(), (new == np.asarray(targets)).mean()
+    # 80% [MASK], 10% random (of which 1/V happen to be the same token), 10% unchanged; 4 sigma bounds
+    assert abs(is_mask - 0.8) < 4 * np.sqrt(0.16 / n) and abs(same - 0.1) < 4 * np.sqrt(0.09 / n) + 1e-3
+    assert abs(1 - is_mask - same - 0.1) < 4 * np.sqrt(0.09 / n) + 1e-3
+    # a sequence with fewer ordinary tokens than M: the extra predictions get weight 0
+    short = jnp.full((1, L), 3).at[0, :10].set(jnp.arange(10, 20))
+    _, _, t, w = train.mask_tokens(jax.random.key(2), short, specials, mask_id, V)
+    assert float(w.sum()) == 10 and set(np.asarray(t[w > 0]).tolist()) == set(range(10, 20))
+
+
+def test_adamw_equals_the_textbook_formula():
+    rng = np.random.default_rng(0)
+    params = {"dense": {"kernel": rng.normal(size=(3, 2)), "bias": rng.normal(size=2)},
+              "norm": {"scale": rng.normal(size=2)}, "ssm": {"A_im": rng.normal(size=4), "C": rng.normal(size=4)}}
+    params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
+    b1, b2, eps, wd, lr = 0.9, 0.98, 1e-6, 0.05, 0.01
+    for ssm_scale in (None, 0.1):
+        groups = train.param_groups(params, ssm_scale)
+        p, opt = params, train.adamw_init(params)
+        ref = {k: np.float64(v) for k, v in bigs.flatten(params).items()}
+        m = {k: 0.0 for k in ref}
+        v = {k: 0.0 for k in ref}
+        for t in range(1, 4):
+            grads = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), jnp.float32), params)
+            p, opt = train.adamw_update(p, grads, opt, t, lr, groups, b1, b2, eps, wd)
+            for k, g in bigs.flatten(grads).items():
+                g = np.float64(g)
+                m[k] = b1 * m[k] + (1 - b1) * g
+                v[k] = b2 * v[k] + (1 - b2) * g ** 2
+                leaf = k.split("/")[-1]
+                decay = 0.0 if leaf in ("bias", "scale") or (ssm_scale and leaf == "A_im") else wd
+                rate = lr * (ssm_scale if ssm_scale and leaf == "A_im" else 1.0)
+                ref[k] = ref[k] - rate * ((m[k] / (1 - b1 ** t)) / (np.sqrt(v[k] / (1 - b2 ** t)) + eps)
+                                          + decay * ref[k])
+        for k, x in bigs.flatten(p).items():
+            np.testing.assert_allclose(x, ref[k], rtol=1e-5, atol=1e-7, err_msg=k)
+
+
+def test_learning_rate_schedule_and_clipping():
+    lr = lambda s: float(train.learning_rate(s, 1e-3, 10, 110))
+    assert lr(1) == pytest.approx(1e-4) and lr(10) == pytest.approx(1e-3)  # warmup ends at the peak
+    assert lr(11) == pytest.approx(1e-3 * 99 / 100) and lr(60) == pytest.approx(5e-4)
+    assert lr(110) == 0.0 and lr(0) == 0.0
+    grads = {"a": jnp.array([3.0, 0.0]), "b": jnp.array([[4.0]])}
+    clipped, norm = train.clip_by_global_norm(grads, 1.0)
+    assert float(norm) == pytest.approx(5.0)
+    np.testing.assert_allclose(clipped["a"], [0.6, 0.0], rtol=1e-5)
+    same, _ = train.clip_by_global_norm(grads, 10.0)
+    np.testing.assert_array_equal(same["b"], grads["b"])
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A small real corpus: 400 lead sections of the embedded Wikipedia data, one per line."""
+    with open(train.wiki_offline_file()) as f:
+        pages = list(json.load(f).values())[:400]
+    path = tmp_path_factory.mktemp("corpus") / "wiki.txt"
+    path.write_text("\n".join(p["extract"].replace("\n", " ") for p in pages))
+    return str(path)
+
+
+def run_train(tmp_path, corpus, *flags, out="run"):
+    argv = ["--model", "tiny", "--seq_len", "64", "--batch_size", "8", "--steps", "6", "--warmup", "2",
+            "--log_every", "1", "--eval_every", "3", "--eval_batches", "2", "--save_every", "3",
+            "--dataset", corpus, "--cache_dir", str(tmp_path / "cache"), "--out", str(tmp_path / out), *flags]
+    return train.main(argv)
+
+
+def train_rows(tmp_path, out="run"):
+    with open(tmp_path / out / "metrics.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
+def test_resume_after_ctrl_c_equals_an_uninterrupted_run(tmp_path, corpus, monkeypatch):
+    assert run_train(tmp_path, corpus, out="straight") == 0
+    batch_at = train.batch_at
+
+    def interrupt_at_step_4(blocks, step, *args):
+        if step == 3:  # the batch of step 4: Ctrl-C arrives after step 3
+            raise KeyboardInterrupt
+        return batch_at(blocks, step, *args)
+    monkeypatch.setattr(train, "batch_at", interrupt_at_step_4)
+    assert run_train(tmp_path, corpus, "--save_every", "100", out="cut") == 130
+    monkeypatch.setattr(train, "batch_at", batch_at)
+    assert json.loads((tmp_path / "cut" / "checkpoint" / "train_state.json").read_text())["step"] == 3
+    assert train.main(["--out", str(tmp_path / "cut"), "--resume"]) == 0
+    losses = lambda out: {r["step"]: r["loss"] for r in train_rows(tmp_path, out) if "loss" in r}
+    straight, cut = losses("straight"), losses("cut")
+    assert sorted(cut) == sorted(straight) == [1, 2, 3, 4, 5, 6]
+    assert cut == straight  # bitwise, the steps after the resume included
+    _, a = bigs.from_pretrained(str(tmp_path / "straight" / "checkpoint"))
+    _, b = bigs.from_pretrained(str(tmp_path / "cut" / "checkpoint"))
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(x, y)
+    evals = [r for r in train_rows(tmp_path, "straight") if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [0, 3, 6] and all(np.isfinite(r["eval_loss"]) for r in evals)
+
+
+def test_a_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, corpus, monkeypatch):
+    save = bigs.save_msgpack
+    calls = []
+
+    def crash_on_the_second_checkpoint(path, flat):
+        calls.append(path)
+        if len(calls) == 3:  # checkpoint 1 wrote two msgpack files; the second checkpoint dies mid-write
+            raise OSError("disk full")
+        save(path, flat)
+    monkeypatch.setattr(bigs, "save_msgpack", crash_on_the_second_checkpoint)
+    with pytest.raises(OSError, match="disk full"):
+        run_train(tmp_path, corpus)
+    config, params = bigs.from_pretrained(str(tmp_path / "run" / "checkpoint"))
+    assert json.loads((tmp_path / "run" / "checkpoint" / "train_state.json").read_text())["step"] == 3
+    assert config.hidden_size == 32
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, corpus, capsys):
+    assert run_train(tmp_path, corpus, "--lr", "1e30", "--warmup", "1", "--save_every", "1", "--clip_grad",
+                     "1e30") == 1
+    assert "loss is nan" in capsys.readouterr().err or "loss is inf" in capsys.readouterr().err
+    state = json.loads((tmp_path / "run" / "checkpoint" / "train_state.json").read_text())
+    config, params = bigs.from_pretrained(str(tmp_path / "run" / "checkpoint"))
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params)) and state["step"] >= 1
+
+
+def test_bad_input_gets_a_one_line_error_before_any_work(tmp_path, corpus, capsys):
+    (tmp_path / "blank.txt").write_text("\n   \n\n")
+    (tmp_path / "a_file").write_text("")
+    big_vocab = tmp_path / "vocab.txt"
+    big_vocab.write_text("\n".join(train.SPECIAL_TOKENS + [f"w{i}" for i in range(2000)]))
+    cases = [
+        (["--seq_len", "65"], "--seq_len 65 must be in 1..64"),
+        (["--seq_len", "0"], "--seq_len 0 must be in 1..64"),
+        (["--dataset", str(tmp_path / "missing.txt")], "data file not found"),
+        (["--dataset", str(tmp_path / "blank.txt")], "non-empty documents"),
+        (["--out", str(tmp_path / "a_file" / "run")], "cannot write to the output folder"),
+        (["--tokenizer", str(big_vocab)], "2005 tokens, more than the model's vocab_size 1000"),
+        (["--out", str(tmp_path / "empty"), "--resume"], "no checkpoint to resume"),
+        (["--mesh", "data=3"], "needs 3 devices"),
+    ]
+    for flags, message in cases:
+        assert run_train(tmp_path, corpus, *flags, out="bad") == 2, flags
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1 and err.startswith("train.py: error:"), (flags, err)
+        assert not os.path.exists(tmp_path / "bad" / "metrics.jsonl")
+
+
+def test_checkpoint_is_a_bigs_checkpoint_with_tokenizer(tmp_path, corpus):
+    assert run_train(tmp_path, corpus, "--steps", "2") == 0
+    from tokenizers import Tokenizer
+    ckpt = tmp_path / "run" / "checkpoint"
+    config, params = bigs.from_pretrained(str(ckpt))
+    tok = Tokenizer.from_file(str(ckpt / "tokenizer.json"))
+    result = bigs.fill_mask(params, config, tok, "the capital of france is [MASK].", top_k=3)
+    assert len(result) == 1 and len(result[0]) == 3
+
+
+DEVICES_SCRIPT = """
+import json, sys, train
+losses = {}
+for mesh in sys.argv[2:]:
+    out = sys.argv[1] + "/" + mesh.replace("=", "").replace(",", "_")
+    assert train.main(["--model", "tiny", "--seq_len", "64", "--batch_size", "8", "--steps", "3", "--warmup", "1",
+                       "--log_every", "1", "--dataset", CORPUS, "--cache_dir", sys.argv[1] + "/cache", "--out", out,
+                       "--mesh", mesh]) == 0
+    losses[mesh] = [json.loads(l)["loss"] for l in open(out + "/metrics.jsonl") if '"loss"' in l]
+print(json.dumps(losses))
+"""
+
+
+def test_one_device_and_eight_devices_give_the_same_losses(tmp_path, corpus):
+    def run(n, meshes):
+        env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={n}")
+        script = DEVICES_SCRIPT.replace("CORPUS", repr(corpus))
+        r = subprocess.run([sys.executable, "-c", script, str(tmp_path), *meshes], env=env, cwd=HERE,
+                           capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-2000:]
+        return json.loads(r.stdout.strip().splitlines()[-1])
+    one = run(1, ["data=1"])["data=1"]
+    eight = run(8, ["data=8", "data=4,model=2"])
+    assert len(one) == 3
+    for mesh, losses in eight.items():
+        np.testing.assert_allclose(losses, one, rtol=2e-5, err_msg=mesh)

