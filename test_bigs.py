@@ -7,7 +7,10 @@ Run: python -m pytest -q test_bigs.py
 import dataclasses
 import json
 import os
+import re
 import shutil
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +18,8 @@ import numpy as np
 import pytest
 
 import bigs
+import finetune
+import train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 OFFICIAL = os.path.join(HERE, "testdata", "official_tiny")
@@ -357,10 +362,6 @@ def test_fill_mask():
 # ===================================================================================================
 # train.py: masking, optimiser, schedule, checkpoints and resume, devices, bad input.
 
-import subprocess
-import sys
-
-import train
 
 
 def test_masking_statistics():
@@ -560,3 +561,140 @@ def test_one_device_and_eight_devices_give_the_same_losses(tmp_path, corpus):
     assert len(one) == 3
     for mesh, losses in eight.items():
         np.testing.assert_allclose(losses, one, rtol=2e-5, err_msg=mesh)
+
+
+# ===================================================================================================
+# finetune.py: metrics, GLUE formats, end-to-end runs, bad input.
+
+
+def test_metrics_on_hand_computed_cases():
+    pred, label = np.array([1, 0, 1, 1]), np.array([1, 1, 1, 0])
+    assert finetune.accuracy(pred, label) == 0.5
+    assert finetune.f1(pred, label) == pytest.approx(2 * 2 / (3 + 3))  # tp 2, 3 predicted and 3 true positives
+    assert finetune.matthews(pred, label) == pytest.approx(-1 / 3)  # (2*0 - 1*1) / sqrt(3*3*1*1)
+    assert finetune.matthews(label, label) == pytest.approx(1.0)
+    assert finetune.matthews(np.ones(4, int), label) == 0.0  # a constant prediction
+    assert finetune.f1(np.zeros(4, int), label) == 0.0
+    assert finetune.pearson(np.array([1., 2, 3]), np.array([2., 4, 7])) == pytest.approx(5 / np.sqrt(2 * 114 / 9))
+    # ties share their mean rank: x ranks (1, 2.5, 2.5, 4), y ranks (1, 3, 2, 4)
+    assert finetune.spearman(np.array([1., 2, 2, 3]), np.array([10., 30, 20, 40])) == pytest.approx(4.5 / np.sqrt(22.5))
+
+
+GLUE_FILES = {  # task -> {file: text}, in the GLUE distribution's layout
+    "cola": {"train.tsv": "gj04\t1\t\tThe sailors rode the breeze clear of the rocks.\nbc01\t0\t*\tThe more books I ask to whom he will give, the more he reads.\n",
+             "dev.tsv": "gj04\t1\t\tThey drank the pub dry.\n"},
+    "sst2": {"train.tsv": "sentence\tlabel\na gorgeous film \t1\nan awful mess \t0\n", "dev.tsv": "sentence\tlabel\nlovely \t1\n"},
+    "mrpc": {"train.tsv": "\ufeffQuality\t#1 ID\t#2 ID\t#1 String\t#2 String\n1\t1\t2\tHe left.\tHe went away.\n0\t3\t4\tIt rained.\tShe sang.\n",
+             "dev.tsv": "\ufeffQuality\t#1 ID\t#2 ID\t#1 String\t#2 String\n1\t5\t6\tA cat sat.\tA cat was sitting.\n"},
+    "stsb": {"train.tsv": "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore\n0\tmain\tf\t2012\t1\tnone\tnone\tA plane is taking off.\tAn air plane is taking off.\t5.000\n1\tmain\tf\t2012\t4\tnone\tnone\tA man plays a flute.\tA man cuts a pie.\t0.500\n",
+             "dev.tsv": "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore\n0\tmain\tf\t2012\t1\tnone\tnone\tA dog runs.\tA dog is running.\t4.750\n"},
+    "qqp": {"train.tsv": "id\tqid1\tqid2\tquestion1\tquestion2\tis_duplicate\n0\t1\t2\tHow old is the sun?\tWhat is the age of the sun?\t1\n",
+            "dev.tsv": "id\tqid1\tqid2\tquestion1\tquestion2\tis_duplicate\n1\t3\t4\tWhy is the sky blue?\tHow do I cook rice?\t0\n"},
+    "mnli": {name: "index\tpromptID\tpairID\tgenre\tsentence1_binary_parse\tsentence2_binary_parse\tsentence1_parse\tsentence2_parse\tsentence1\tsentence2\tlabel1\tgold_label\n0\t1\t1n\tfiction\t(x)\t(y)\t(x)\t(y)\tThe cat slept.\tAn animal rested.\tentailment\tentailment\n1\t2\t2c\tfiction\t(x)\t(y)\t(x)\t(y)\tIt is hot.\tIt is freezing.\tcontradiction\tcontradiction\n"
+             for name in ("train.tsv", "dev_matched.tsv", "dev_mismatched.tsv")},
+    "qnli": {name: "index\tquestion\tsentence\tlabel\n0\tWhat is water?\tWater is a liquid.\tentailment\n1\tWho won?\tThe sky is blue.\tnot_entailment\n"
+             for name in ("train.tsv", "dev.tsv")},
+    "rte": {name: "index\tsentence1\tsentence2\tlabel\n0\tA man is eating.\tSomeone eats.\tentailment\n1\tA man sleeps.\tA man runs.\tnot_entailment\n"
+            for name in ("train.tsv", "dev.tsv")},
+    "wnli": {name: "index\tsentence1\tsentence2\tlabel\n0\tThe cup fell because it was full.\tThe cup was full.\t1\n"
+             for name in ("train.tsv", "dev.tsv")},
+}
+
+
+def write_files(folder, files):
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        (folder / name).write_text(text, encoding="utf-8")
+    return str(folder)
+
+
+@pytest.mark.parametrize("task", sorted(GLUE_FILES))
+def test_reads_each_glue_tsv_format(task, tmp_path):
+    args = finetune.parse_args(["--task", task, "--data_dir", write_files(tmp_path / task, GLUE_FILES[task])])
+    data = finetune.load_task_data(args, finetune.TASKS[task])
+    expected = {
+        "cola": (["The sailors rode the breeze clear of the rocks.",
+                  "The more books I ask to whom he will give, the more he reads."], [1, 0]),
+        "sst2": (["a gorgeous film ", "an awful mess "], [1, 0]),
+        "mrpc": (["He left.", "It rained."], [1, 0]),
+        "stsb": (["A plane is taking off.", "A man plays a flute."], [5.0, 0.5]),
+        "qqp": (["How old is the sun?"], [1]),
+        "mnli": (["The cat slept.", "It is hot."], [0, 2]),
+        "qnli": (["What is water?", "Who won?"], [0, 1]),
+        "rte": (["A man is eating.", "A man sleeps."], [0, 1]),
+        "wnli": (["The cup fell because it was full."], [1]),
+    }[task]
+    assert data["train"]["texts"][0] == expected[0]
+    np.testing.assert_array_equal(data["train"]["label"], expected[1])
+    assert set(data) == {"train", *finetune.TASKS[task].eval_splits}
+    if len(finetune.TASKS[task].columns) == 2:
+        assert len(data["train"]["texts"]) == 2 and data["train"]["texts"][1][0]
+
+
+def test_reads_csv_and_json_lines_with_hub_columns(tmp_path):
+    (tmp_path / "train.csv").write_text('sentence1,sentence2,label\n"A man, tall.",Someone,0\nX,Y,1\n')
+    (tmp_path / "dev.jsonl").write_text(json.dumps({"sentence1": "A", "sentence2": "B", "label": 1, "idx": 0}) + "\n")
+    args = finetune.parse_args(["--task", "rte", "--train_file", str(tmp_path / "train.csv"),
+                                "--validation_file", str(tmp_path / "dev.jsonl")])
+    data = finetune.load_task_data(args, finetune.TASKS["rte"])
+    assert data["train"]["texts"] == [["A man, tall.", "X"], ["Someone", "Y"]]
+    np.testing.assert_array_equal(data["validation"]["label"], [1])
+
+
+@pytest.fixture(scope="module")
+def tiny_vocab(tmp_path_factory):
+    """A 1000-token vocab.txt that fits the official tiny checkpoint: BERT's specials, then common words."""
+    words = sorted({w for files in GLUE_FILES.values() for text in files.values()
+                    for w in re.findall(r"[a-z]+|[^\sa-z0-9]", text.lower())})
+    vocab = train.SPECIAL_TOKENS + words + [f"##{c}" for c in "abcdefghijklmnopqrstuvwxyz"]
+    vocab += [f"unused{i}" for i in range(1000 - len(vocab))]
+    path = tmp_path_factory.mktemp("vocab") / "vocab.txt"
+    path.write_text("\n".join(vocab))
+    return str(path)
+
+
+def run_finetune(tmp_path, task, *flags):
+    return finetune.main(["--task", task, "--data_dir", write_files(tmp_path / "data", GLUE_FILES[task]),
+                          "--model_name_or_path", os.path.join(OFFICIAL, "mlm"), "--batch_size", "2",
+                          "--epochs", "2", "--lr", "1e-3", "--out", str(tmp_path / "out"), *flags])
+
+
+@pytest.mark.parametrize("task", ["rte", "stsb", "mnli"])
+def test_finetunes_end_to_end(task, tmp_path, tiny_vocab, capsys):
+    assert run_finetune(tmp_path, task, "--tokenizer", tiny_vocab, "--freeze_ssm") == 0
+    result = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    t = finetune.TASKS[task]
+    keys = {f"{split}_{m}" for split in t.eval_splits for m in t.metrics}
+    assert keys <= set(result["final"]) and keys <= set(result["best"]) and result["final"]["step"] == 2
+    assert "final (step 2)" in capsys.readouterr().out
+    lines = (tmp_path / "out" / f"predictions_{t.eval_splits[0]}.tsv").read_text().splitlines()
+    assert len(lines) == 1 + len(GLUE_FILES[task]["dev_matched.tsv" if task == "mnli" else "dev.tsv"].splitlines()) - 1
+    config, params = bigs.from_pretrained(str(tmp_path / "out" / "checkpoint"))
+    assert config.num_labels == (1 if task == "stsb" else len(t.labels))
+    _, pretrained = official("mlm")
+    for direction in ("ssm_f", "ssm_b"):  # --freeze_ssm: exactly as pretrained
+        for name, x in params["layers"][direction].items():
+            np.testing.assert_array_equal(x, pretrained["layers"][direction][name])
+    assert np.abs(params["layers"]["W_v"]["kernel"] - pretrained["layers"]["W_v"]["kernel"]).max() > 0
+
+
+def test_finetune_bad_input_before_training(tmp_path, tiny_vocab, capsys):
+    def error(*argv):
+        assert finetune.main(list(argv)) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith("finetune.py: error:"), err
+        return err
+    assert "one of cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli" in error("--task", "glue9")
+    bad_columns = write_files(tmp_path / "cols", {"train.tsv": "text\tlabel\nhi\t1\n", "dev.tsv": "text\tlabel\n"})
+    assert "lacks the column(s) sentence" in error("--task", "sst2", "--data_dir", bad_columns)
+    bad_label = write_files(tmp_path / "label", {"train.tsv": "sentence\tlabel\nok\t1\nno\t7\n",
+                                                 "dev.tsv": "sentence\tlabel\nok\t1\n"})
+    assert "train.tsv row 2: label '7' is outside this task's labels 0..1" in error("--task", "sst2", "--data_dir",
+                                                                                   bad_label)
+    big_vocab = tmp_path / "big_vocab.txt"
+    big_vocab.write_text("\n".join(train.SPECIAL_TOKENS + [f"w{i}" for i in range(1200)]))
+    err = error("--task", "sst2", "--data_dir", write_files(tmp_path / "sst", GLUE_FILES["sst2"]),
+                "--model_name_or_path", os.path.join(OFFICIAL, "mlm"), "--tokenizer", str(big_vocab),
+                "--out", str(tmp_path / "out"))
+    assert "vocab_size is 1000 but the tokenizer has 1205 tokens" in err
+    assert not os.path.exists(tmp_path / "out" / "metrics.jsonl")

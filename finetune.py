@@ -1,0 +1,427 @@
+"""GLUE finetuning of BiGS, with each task's own metric.
+
+    python finetune.py --task sst2 --model_name_or_path runs/bigs/checkpoint          # online: the hub's GLUE
+    python finetune.py --task sst2 --model_name_or_path runs/bigs/checkpoint --data_dir glue_data/SST-2
+    python finetune.py --task stsb --model_name_or_path JunxiongWang/BiGS_512 --tokenizer bert-large-uncased
+
+The optimiser, schedule, mesh and shardings are train.py's. Batches are padded only to their longest
+sequence (rounded up to a multiple of 32, to limit recompilation): exact, because the model keeps pads
+out of the SSMs (mask_padding) and the pooler averages over real tokens only.
+"""
+
+import argparse
+import csv
+import dataclasses
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+import bigs
+import train
+from train import UsageError
+
+# ----------------------------------------------------------------------------------------------------
+# Metrics, in numpy.
+
+
+def accuracy(pred, label):
+    return float(np.mean(pred == label))
+
+
+def f1(pred, label):
+    """F1 of the positive class (1)."""
+    tp = np.sum((pred == 1) & (label == 1))
+    return float(2 * tp / (np.sum(pred == 1) + np.sum(label == 1))) if tp else 0.0
+
+
+def matthews(pred, label):
+    """Matthews correlation of binary predictions: (tp tn - fp fn) / sqrt of the four margins' product."""
+    tp, tn = np.sum((pred == 1) & (label == 1)), np.sum((pred == 0) & (label == 0))
+    fp, fn = np.sum((pred == 1) & (label == 0)), np.sum((pred == 0) & (label == 1))
+    d = np.sqrt(float((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)))
+    return float((tp * tn - fp * fn) / d) if d else 0.0
+
+
+def pearson(x, y):
+    x, y = x - np.mean(x), y - np.mean(y)
+    d = np.sqrt(np.sum(x * x) * np.sum(y * y))
+    return float(np.sum(x * y) / d) if d else 0.0
+
+
+def ranks(x):
+    """Ranks 1..n, ties sharing their mean rank."""
+    order = np.argsort(x, kind="stable")
+    r = np.empty(len(x))
+    r[order] = np.arange(1, len(x) + 1)
+    for v in np.unique(x):
+        tie = x == v
+        r[tie] = r[tie].mean()
+    return r
+
+
+def spearman(x, y):
+    return pearson(ranks(x), ranks(y))
+
+
+# ----------------------------------------------------------------------------------------------------
+# The tasks: text columns (as the hub names them), labels, metrics (the first is the one 'best' follows),
+# evaluation splits, and where the GLUE distribution's TSV files keep each column.
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    columns: tuple  # one or two text columns
+    labels: tuple | None  # label names in id order; None: a regression score
+    metrics: dict  # name -> fn(pred, label)
+    eval_splits: tuple = ("validation",)
+    tsv_dir: str = ""
+    tsv_columns: tuple = ()  # GLUE TSV columns of the texts and the label (indices where there is no header)
+    tsv_eval: tuple = ("dev",)
+
+
+ACC = {"accuracy": accuracy}
+NLI = ("entailment", "not_entailment")
+TASKS = {
+    "cola": Task(("sentence",), ("unacceptable", "acceptable"), {"matthews_correlation": matthews}, tsv_dir="CoLA",
+                 tsv_columns=(3, 1)),
+    "sst2": Task(("sentence",), ("negative", "positive"), ACC, tsv_dir="SST-2", tsv_columns=("sentence", "label")),
+    "mrpc": Task(("sentence1", "sentence2"), ("not_equivalent", "equivalent"), {"f1": f1, "accuracy": accuracy},
+                 tsv_dir="MRPC", tsv_columns=("#1 String", "#2 String", "Quality")),
+    "stsb": Task(("sentence1", "sentence2"), None, {"pearson": pearson, "spearman": spearman}, tsv_dir="STS-B",
+                 tsv_columns=("sentence1", "sentence2", "score")),
+    "qqp": Task(("question1", "question2"), ("not_duplicate", "duplicate"), {"accuracy": accuracy, "f1": f1},
+                tsv_dir="QQP", tsv_columns=("question1", "question2", "is_duplicate")),
+    "mnli": Task(("premise", "hypothesis"), ("entailment", "neutral", "contradiction"), ACC,
+                 ("validation_matched", "validation_mismatched"), "MNLI", ("sentence1", "sentence2", "gold_label"),
+                 ("dev_matched", "dev_mismatched")),
+    "qnli": Task(("question", "sentence"), NLI, ACC, tsv_dir="QNLI", tsv_columns=("question", "sentence", "label")),
+    "rte": Task(("sentence1", "sentence2"), NLI, ACC, tsv_dir="RTE", tsv_columns=("sentence1", "sentence2", "label")),
+    "wnli": Task(("sentence1", "sentence2"), ("not_entailment", "entailment"), ACC, tsv_dir="WNLI",
+                 tsv_columns=("sentence1", "sentence2", "label")),
+}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data: every source becomes {split: {"texts": [column lists], "label": array}}.
+
+
+def label_value(task, value, where):
+    """A label as a class id (names or ids accepted) or a float score; a clear error naming the row."""
+    if task.labels is None:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise UsageError(f"{where}: the score {value!r} is not a number")
+    if isinstance(value, str) and value in task.labels:
+        return task.labels.index(value)
+    try:
+        i = int(value)
+    except (TypeError, ValueError):
+        i = -1
+    if not 0 <= i < len(task.labels) or str(value).strip() not in (str(i), f"{i}.0"):
+        raise UsageError(f"{where}: label {value!r} is outside this task's labels 0..{len(task.labels) - 1} "
+                         f"({', '.join(task.labels)})")
+    return i
+
+
+def from_rows(task, rows, source):
+    """rows: dicts with the task's text columns and 'label' (hub names)."""
+    rows = list(rows)
+    if not rows:
+        raise UsageError(f"{source} has no rows")
+    missing = [c for c in task.columns + ("label",) if c not in rows[0]]
+    if missing:
+        raise UsageError(f"{source} lacks the column(s) {', '.join(missing)} (this task needs "
+                         f"{', '.join(task.columns + ('label',))})")
+    labels = [label_value(task, r["label"], f"{source} row {i + 1}") for i, r in enumerate(rows)]
+    return {"texts": [[str(r[c]) for r in rows] for c in task.columns],
+            "label": np.asarray(labels, np.float32 if task.labels is None else np.int32)}
+
+
+def read_tsv(task, path):
+    """A file of the GLUE distribution (tab separated, no quoting; CoLA has no header)."""
+    if not os.path.isfile(path):
+        raise UsageError(f"GLUE file not found: {path}")
+    with open(path, encoding="utf-8-sig") as f:  # MRPC's files start with a byte-order mark
+        lines = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    if isinstance(task.tsv_columns[0], int):
+        header, body = None, lines
+        index = list(task.tsv_columns)
+    else:
+        header, body = lines[0], lines[1:]
+        missing = [c for c in task.tsv_columns if c not in header]
+        if missing:
+            raise UsageError(f"{path} lacks the column(s) {', '.join(missing)}")
+        index = [header.index(c) for c in task.tsv_columns]
+    names = task.columns + ("label",)
+    rows = [{n: line[i] for n, i in zip(names, index)} for line in body if len(line) > max(index)]
+    return from_rows(task, rows, path)
+
+
+def read_file(task, path):
+    """CSV or JSON lines with the hub's column names."""
+    if not os.path.isfile(path):
+        raise UsageError(f"data file not found: {path}")
+    if path.endswith((".json", ".jsonl")):
+        with open(path, encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+    else:
+        with open(path, encoding="utf-8", newline="") as f:
+            rows = list(csv.DictReader(f))
+    return from_rows(task, rows, path)
+
+
+def load_task_data(args, task):
+    """{'train': ..., <eval split>: ...} from --data_dir, --train_file/--validation_file, or the hub."""
+    if args.data_dir:
+        return {"train": read_tsv(task, os.path.join(args.data_dir, "train.tsv")),
+                **{split: read_tsv(task, os.path.join(args.data_dir, f"{name}.tsv"))
+                   for split, name in zip(task.eval_splits, task.tsv_eval)}}
+    if args.train_file or args.validation_file:
+        if not (args.train_file and args.validation_file):
+            raise UsageError("--train_file and --validation_file go together")
+        return {"train": read_file(task, args.train_file), task.eval_splits[0]: read_file(task, args.validation_file)}
+    import datasets
+    glue = datasets.load_dataset("nyu-mll/glue", args.task)
+    return {split: from_rows(task, glue[split], f"nyu-mll/glue {args.task} {split}")
+            for split in ("train",) + task.eval_splits}
+
+
+def encode(tok, data, max_len):
+    """Token ids and token types (0 for the first text, 1 for the second) of each example, truncated."""
+    tok.enable_truncation(max_len)
+    pairs = list(zip(*data["texts"])) if len(data["texts"]) == 2 else data["texts"][0]
+    encodings = tok.encode_batch(pairs)
+    return [(np.asarray(e.ids, np.int32), np.asarray(e.type_ids, np.int32)) for e in encodings]
+
+
+def pad_batch(examples, multiple=32):
+    """(ids, attention mask, token types), each (B, L), L the longest rounded up to a multiple of 32."""
+    L = -(-max(len(ids) for ids, _ in examples) // multiple) * multiple
+    ids, mask, types = (np.zeros((len(examples), L), np.int32) for _ in range(3))
+    for i, (x, t) in enumerate(examples):
+        ids[i, :len(x)], mask[i, :len(x)], types[i, :len(x)] = x, 1, t
+    return ids, mask, types
+
+
+# ----------------------------------------------------------------------------------------------------
+# The model: the pretrained encoder (and pooler, if the checkpoint has one) and a new classifier.
+
+
+def load_model(args, task, num_labels):
+    """(config, params, tokenizer)."""
+    head = "classification"
+    if args.init == "scratch":
+        if not args.tokenizer:
+            raise UsageError("--init scratch needs --tokenizer (a vocab.txt, tokenizer.json or hub id)")
+        tok = train.get_tokenizer(args.tokenizer, None, None, None, None)
+        config = dataclasses.replace(bigs.PRESETS[args.model], vocab_size=tok.get_vocab_size(), num_labels=num_labels)
+        return config, bigs.init_params(config, jax.random.key(args.seed), head), tok
+    path = args.model_name_or_path
+    if path is None:
+        raise UsageError("give --model_name_or_path (a checkpoint folder or hub id) or --init scratch")
+    config, loaded = bigs.from_pretrained(path)
+    tok_spec = args.tokenizer or (os.path.join(path, "tokenizer.json")
+                                  if os.path.isfile(os.path.join(path, "tokenizer.json")) else None)
+    if tok_spec is None:
+        raise UsageError(f"{path} has no tokenizer.json: give --tokenizer (official checkpoints: bert-large-uncased)")
+    tok = train.get_tokenizer(tok_spec, None, None, None, None)
+    if tok.get_vocab_size() != config.vocab_size:
+        raise UsageError(f"the checkpoint's vocab_size is {config.vocab_size} but the tokenizer has "
+                         f"{tok.get_vocab_size()} tokens")
+    config = dataclasses.replace(config, num_labels=num_labels)
+    params = bigs.init_params(config, jax.random.key(args.seed), head)
+    fresh = []
+    for name in params:  # keep every part of the checkpoint that fits; draw the rest anew
+        same = name in loaded and jax.tree.map(jnp.shape, loaded[name]) == jax.tree.map(jnp.shape, params[name])
+        if same:
+            params[name] = loaded[name]
+        else:
+            fresh.append(name)
+    print(f"finetune.py: from {path}; newly initialised: {', '.join(fresh)}")
+    return config, params, tok
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training and evaluation.
+
+
+def loss_fn(params, config, regression, batch, rng):
+    ids, mask, types, labels, weights = batch
+    logits = bigs.forward(params, config, ids, mask, types, head="classification", train=rng is not None, rng=rng)
+    if regression:
+        per_example = jnp.square(logits[:, 0] - labels)
+    else:
+        per_example = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, labels[:, None].astype(jnp.int32), -1)[:, 0]
+    return jnp.sum(per_example * weights) / jnp.maximum(jnp.sum(weights), 1.0), logits
+
+
+def make_steps(config, args, params, shardings, mesh, regression, total_steps):
+    scale, decay = train.param_groups(params, None)
+    if args.freeze_ssm:  # a learning-rate scale of 0 leaves the SSM parameters exactly as loaded
+        frozen = jax.tree.map(lambda _: 0.0, scale["layers"]["ssm_f"])
+        scale = dict(scale, layers=dict(scale["layers"], ssm_f=frozen, ssm_b=frozen))
+    groups = (scale, decay)
+    warmup = round(args.warmup_ratio * total_steps)
+    data = NamedSharding(mesh, P("data"))
+
+    def train_step(state, batch):
+        step = state["step"] + 1
+        rng = jax.random.fold_in(state["key"], step)
+        (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], config, regression, batch, rng)
+        grads, _ = train.clip_by_global_norm(grads, args.clip_grad)
+        lr = train.learning_rate(step, args.lr, warmup, total_steps)
+        p, opt = train.adamw_update(state["params"], grads, state["opt"], step, lr, groups, args.beta1, args.beta2,
+                                    args.eps, args.weight_decay)
+        return dict(state, params=p, opt=opt, step=step), {"loss": loss, "lr": lr}
+
+    def predict(params, batch):
+        return loss_fn(params, config, regression, batch, None)[1]
+
+    return (jax.jit(train_step, in_shardings=(shardings, data), out_shardings=(shardings, None), donate_argnums=0),
+            jax.jit(predict, in_shardings=(shardings["params"], data)))
+
+
+def batches(examples, labels, batch_size, order, multiple_of):
+    """Padded batches in the given order; the last is filled up with weight-0 copies to a whole batch."""
+    for i in range(0, len(order), batch_size):
+        idx = order[i:i + batch_size]
+        weights = np.ones(batch_size, np.float32)
+        weights[len(idx):] = 0
+        idx = np.concatenate([idx, np.repeat(idx[:1], batch_size - len(idx))])
+        ids, mask, types = pad_batch([examples[j] for j in idx], multiple_of)
+        yield ids, mask, types, labels[idx], weights
+
+
+def evaluate(predict, params, task, examples, labels, batch_size, mesh):
+    outputs = []
+    sharding = NamedSharding(mesh, P("data"))
+    for batch in batches(examples, labels, batch_size, np.arange(len(examples)), 32):
+        logits = predict(params, tuple(train.global_array(x, sharding) for x in batch))
+        outputs.append(np.asarray(logits)[batch[4] > 0])
+    logits = np.concatenate(outputs)
+    pred = logits[:, 0] if task.labels is None else logits.argmax(-1)
+    return {name: fn(pred, labels) for name, fn in task.metrics.items()}, pred
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description="Finetune BiGS on a GLUE task.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--task", required=True, help=f"one of {', '.join(TASKS)}")
+    p.add_argument("--model_name_or_path", default=None, help="a train.py or official checkpoint folder, or a hub id")
+    p.add_argument("--init", default="pretrained", choices=["pretrained", "scratch"])
+    p.add_argument("--model", default="small", choices=sorted(bigs.PRESETS), help="the model for --init scratch")
+    p.add_argument("--tokenizer", default=None, help="default: the checkpoint folder's tokenizer.json")
+    p.add_argument("--data_dir", default=None, help="a GLUE task folder with train.tsv and dev.tsv")
+    p.add_argument("--train_file", default=None, help="CSV or JSON lines with the hub's column names")
+    p.add_argument("--validation_file", default=None)
+    p.add_argument("--max_seq_length", type=int, default=128)
+    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--epochs", type=float, default=3)
+    p.add_argument("--lr", type=float, default=2e-5)
+    p.add_argument("--warmup_ratio", type=float, default=0.1)
+    p.add_argument("--weight_decay", type=float, default=0.01)
+    p.add_argument("--beta1", type=float, default=0.9)
+    p.add_argument("--beta2", type=float, default=0.999)
+    p.add_argument("--eps", type=float, default=1e-6)
+    p.add_argument("--clip_grad", type=float, default=1.0)
+    p.add_argument("--freeze_ssm", action="store_true", help="keep the SSM parameters as pretrained")
+    p.add_argument("--eval_every", type=int, default=None, help="steps between evaluations (default: each epoch)")
+    p.add_argument("--mesh", default=None, help="as in train.py")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="default: runs/finetune-<task>")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    try:
+        return run(parse_args(argv))
+    except UsageError as e:
+        print(f"finetune.py: error: {e}", file=sys.stderr)
+        return 2
+
+
+def run(args):
+    if args.task not in TASKS:
+        raise UsageError(f"unknown task {args.task!r}; one of {', '.join(TASKS)}")
+    task = TASKS[args.task]
+    regression = task.labels is None
+    mesh = train.make_mesh(args.mesh)
+    if args.batch_size % mesh.shape["data"]:
+        raise UsageError(f"--batch_size {args.batch_size} must be a multiple of the {mesh.shape['data']} data devices")
+    out = args.out or os.path.join("runs", f"finetune-{args.task}")
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"cannot write to the output folder {out}: {e.strerror}")
+    data = load_task_data(args, task)
+    config, params, tok = load_model(args, task, 1 if regression else len(task.labels))
+    examples = {split: encode(tok, d, args.max_seq_length) for split, d in data.items()}
+
+    n_train = len(examples["train"])
+    steps_per_epoch = max(1, -(-n_train // args.batch_size))
+    total = max(1, round(args.epochs * steps_per_epoch))
+    eval_every = args.eval_every or steps_per_epoch
+    state = {"params": params, "opt": train.adamw_init(params), "step": jnp.zeros((), jnp.int32),
+             "key": jax.random.key(args.seed + 1)}
+    replicated = NamedSharding(mesh, P())
+    shardings = {"params": train.param_shardings(params, mesh), "step": replicated, "key": replicated}
+    shardings["opt"] = {"m": shardings["params"], "v": shardings["params"]}
+    state = jax.device_put(state, shardings)
+    train_step, predict = make_steps(config, args, params, shardings, mesh, regression, total)
+
+    from tqdm import tqdm
+    log = open(os.path.join(out, "metrics.jsonl"), "a")
+    best, final = {}, {}
+    main_metric = next(iter(task.metrics))
+    data_sharding = NamedSharding(mesh, P("data"))
+    rng = np.random.default_rng(args.seed)
+    bar = tqdm(total=total, unit="step", dynamic_ncols=True, mininterval=1.0)
+    t0, step = time.perf_counter(), 0
+    while step < total:
+        for batch in batches(examples["train"], data["train"]["label"], args.batch_size, rng.permutation(n_train), 32):
+            state, m = train_step(state, tuple(train.global_array(x, data_sharding) for x in batch))
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{float(m['loss']):.4f}", lr=f"{float(m['lr']):.2e}")
+            if step % eval_every == 0 or step == total:
+                final = {"step": step}
+                for split in task.eval_splits:
+                    scores, pred = evaluate(predict, state["params"], task, examples[split], data[split]["label"],
+                                            args.batch_size, mesh)
+                    final.update({f"{split}_{k}": v for k, v in scores.items()})
+                    write_predictions(os.path.join(out, f"predictions_{split}.tsv"), task, pred)
+                log.write(json.dumps(final) + "\n")
+                log.flush()
+                key = f"{task.eval_splits[0]}_{main_metric}"
+                if not best or final[key] > best[key]:
+                    best = dict(final)
+                bar.write("step {}: {}".format(step, ", ".join(f"{k} {v:.4f}" for k, v in final.items() if k != "step")))
+            if step == total:
+                break
+    bar.close()
+    result = {"task": args.task, "final": final, "best": best, "steps": total,
+              "seconds": round(time.perf_counter() - t0, 1)}
+    bigs.write_atomic(os.path.join(out, "metrics.json"), json.dumps(result, indent=1).encode())
+    checkpoint = os.path.join(out, "checkpoint")  # the finetuned model, e.g. MNLI's as a start for RTE
+    bigs.save_pretrained(checkpoint, config, jax.tree.map(np.asarray, state["params"]), "classification")
+    bigs.write_atomic(os.path.join(checkpoint, "tokenizer.json"), tok.to_str().encode())
+    fmt = lambda r: ", ".join(f"{k} {v:.4f}" for k, v in r.items() if k != "step")
+    print(f"done: {args.task}, {total} steps; final (step {final['step']}): {fmt(final)}; "
+          f"best seen (step {best['step']}): {fmt(best)}; metrics, predictions and checkpoint in {out}")
+    return 0
+
+
+def write_predictions(path, task, pred):
+    names = (lambda p: f"{p:.4f}") if task.labels is None else (lambda p: task.labels[int(p)])
+    bigs.write_atomic(path, ("index\tprediction\n" + "".join(f"{i}\t{names(p)}\n" for i, p in enumerate(pred))).encode())
+
+
+if __name__ == "__main__":
+    sys.exit(main())
