@@ -47,6 +47,7 @@ class Config:
     # tokens (the official encoder ignores attention_mask). False reproduces the official outputs.
     mask_padding: bool = True
     dtype: str = "float32"  # compute dtype of the matmuls: "float32" or "bfloat16"
+    remat: bool = False  # recompute each layer in the backward pass: activation memory of one layer, not all
 
 
 PRESETS = {
@@ -95,6 +96,37 @@ def ssm(p, u):
     return causal_conv(u, ssm_kernel(p, u.shape[1])) + p["D"] * u
 
 
+def ssm_chunked(p, u, Q=512):
+    """The same y = K * u + D u as `ssm`, as matmuls (fast on GPUs and TPUs). Split t = cQ + i:
+      within chunk c:  sum_{j<=i} K[i-j] u[c,j], a (Q, Q) lower-triangular Toeplitz matmul;
+      from before it:  Re sum_n C_n Bbar_n Abar_n^i h[c,n], with the N-mode state
+                       h[c] = sum_{s < cQ} Abar^(cQ-s) u[s] = sum_{c'<c} Abar^(Q(c-1-c')) g[c'],
+                       g[c'] = sum_j Abar^(Q-j) u[c',j].
+    u: (B, L, H); every power of Abar here is <= 1 in modulus, so nothing grows."""
+    Bsz, L, H = u.shape
+    Q = min(Q, L)
+    nC = -(-L // Q)
+    x = jnp.pad(u.astype(jnp.float32), ((0, 0), (0, nC * Q - L), (0, 0))).reshape(Bsz, nC, Q, H)
+    A, C, dt = ssm_parameters(p)
+    i = jnp.arange(Q)
+    lag = i[:, None] - i[None, :]  # (Q, Q)
+    T = jnp.where(lag >= 0, ssm_kernel(p, Q)[jnp.maximum(lag, 0)], 0.0)  # T[i, j] = K[i - j]
+    y = jnp.einsum("ij,bcjh->bcih", T, x)
+    if nC > 1:  # complex products as real matmuls over the stacked real and imaginary parts (2N rows)
+        N = A.shape[0]
+        to_state = jnp.exp(((Q - i)[:, None] * dt) * A)  # (Q, N): Abar^(Q-j)
+        g = jnp.einsum("jn,bcjh->bcnh", jnp.concatenate([to_state.real, to_state.imag], 1), x)
+        g = g[:, :, :N] + 1j * g[:, :, N:]  # (B, nC, N, H)
+        c = jnp.arange(nC)
+        d = c[:, None] - 1 - c[None, :]  # (nC, nC): whole chunks between c' and c
+        M = jnp.where((d >= 0)[..., None], jnp.exp((jnp.maximum(d, 0)[..., None] * Q * dt) * A), 0)
+        h = jnp.einsum("cdn,bdnh->bcnh", M, g)  # (B, nC, N, H)
+        E = C * (jnp.exp(dt * A) - 1) / A * jnp.exp((i[:, None] * dt) * A)  # (Q, N): C Bbar Abar^i
+        y = y + jnp.einsum("in,bcnh->bcih", jnp.concatenate([E.real, -E.imag], 1),
+                           jnp.concatenate([h.real, h.imag], 2))
+    return y.reshape(Bsz, nC * Q, H)[:, :L] + p["D"] * u.astype(jnp.float32)
+
+
 def ssm_recurrent(p, u):
     """The same SSM step by step: x_k = Abar x_{k-1} + Bbar u_k, y_k = Re(C x_k) + D u_k.  u, y: (B, L, H)."""
     A, C, dt = ssm_parameters(p)
@@ -141,8 +173,8 @@ def bigs_layer(p, x, mask, config):
     B = gelu(dense(p["W_b"], flip(X), dt))  # (B, L, H)  input of the backward SSM: the reversed sequence
     if mask is not None:  # pads feed nothing into either SSM
         F, B = F * mask.astype(dt), B * flip(mask).astype(dt)
-    U_F = dense(p["W_uf"], ssm(p["ssm_f"], F), dt)  # (B, L, H)
-    U_B = flip(dense(p["W_ub"], ssm(p["ssm_b"], B), dt))  # (B, L, H)  back in reading order
+    U_F = dense(p["W_uf"], ssm_chunked(p["ssm_f"], F), dt)  # (B, L, H)
+    U_B = flip(dense(p["W_ub"], ssm_chunked(p["ssm_b"], B), dt))  # (B, L, H)  back in reading order
     U = gelu(dense(p["W_l"], U_F * U_B, dt))  # (B, L, I)  multiplicative gating of the two directions
     O = dense(p["W_o"], U * V, dt)  # (B, L, H)
     return x + O.astype(jnp.float32)
@@ -177,7 +209,8 @@ def encode(params, config, input_ids, attention_mask=None, token_type_ids=None, 
     mask = None
     if config.mask_padding and attention_mask is not None:
         mask = attention_mask[..., None].astype(jnp.float32)
-    x, _ = jax.lax.scan(lambda x, p: (bigs_layer(p, x, mask, config), None), x, params["layers"])
+    layer = lambda x, p: (bigs_layer(p, x, mask, config), None)
+    x, _ = jax.lax.scan(jax.checkpoint(layer) if config.remat else layer, x, params["layers"])
     return x
 
 

@@ -138,6 +138,14 @@ def test_convolution_equals_recurrence_and_direct_sum(L):
     assert max_rel(conv, direct) < 1e-5
 
 
+@pytest.mark.parametrize("L,Q", [(1, 512), (100, 512), (300, 64), (1000, 128), (2048, 512)])
+def test_chunked_matmul_form_equals_fft_form(L, Q):
+    """The layers use ssm_chunked (matmuls: fast on GPUs and TPUs); ssm (FFT) is the reference."""
+    p = random_ssm(jax.random.key(L), N=16, log_step=-3.0)
+    u = jax.random.normal(jax.random.key(7 + L), (2, L, 8))
+    assert max_rel(bigs.ssm_chunked(p, u, Q), bigs.ssm(p, u)) < 1e-5
+
+
 # ---------------------------------------------------------------------------------------------------
 # Initialisation.
 

@@ -447,6 +447,7 @@ def parse_args(argv):
                    help="learning-rate scale for the SSMs' A and step, then without weight decay (S4 uses 0.1); "
                         "default: treated as every other parameter, as the official code does")
     p.add_argument("--bf16", action="store_true", help="bfloat16 matmuls; float32 weights and optimiser state")
+    p.add_argument("--remat", action="store_true", help="recompute each layer's activations in the backward pass")
     p.add_argument("--dataset", default="wiki-offline",
                    help="'wiki-offline' (embedded), a datasets hub name, or .txt / .json(l) files, comma-separated")
     p.add_argument("--dataset_config", default=None, help="the hub dataset's configuration name")
@@ -553,8 +554,7 @@ def run(args):
         args = argparse.Namespace(**dict(saved["args"], resume=True, out=args.out))
     else:
         config = bigs.PRESETS[args.model]
-        if args.bf16:
-            config = dataclasses.replace(config, dtype="bfloat16")
+        config = dataclasses.replace(config, dtype="bfloat16" if args.bf16 else config.dtype, remat=args.remat)
         tok = None
     check_args(args, config)
     mesh = make_mesh(args.mesh)
