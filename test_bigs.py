@@ -140,10 +140,13 @@ def test_convolution_equals_recurrence_and_direct_sum(L):
 
 @pytest.mark.parametrize("L,Q", [(1, 512), (100, 512), (300, 64), (1000, 128), (2048, 512)])
 def test_chunked_matmul_form_equals_fft_form(L, Q):
-    """The layers use ssm_chunked (matmuls: fast on GPUs and TPUs); ssm (FFT) is the reference."""
+    """The layers use ssm_chunked (matmuls: fast on GPUs and TPUs); ssm (FFT) is the reference. The
+    backward SSM is the forward one on the reversed sequence."""
     p = random_ssm(jax.random.key(L), N=16, log_step=-3.0)
     u = jax.random.normal(jax.random.key(7 + L), (2, L, 8))
-    assert max_rel(bigs.ssm_chunked(p, u, Q), bigs.ssm(p, u)) < 1e-5
+    assert max_rel(bigs.ssm_chunked(p, u, Q=Q), bigs.ssm(p, u)) < 1e-5
+    flip = lambda a: jnp.flip(a, axis=1)
+    assert max_rel(bigs.ssm_chunked(p, u, reverse=True, Q=Q), flip(bigs.ssm(p, flip(u)))) < 1e-5
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -541,6 +544,13 @@ def test_checkpoint_is_a_bigs_checkpoint_with_tokenizer(tmp_path, corpus):
     tok = Tokenizer.from_file(str(ckpt / "tokenizer.json"))
     result = bigs.fill_mask(params, config, tok, "the capital of france is [MASK].", top_k=3)
     assert len(result) == 1 and len(result[0]) == 3
+    for name in ("losses.png", "kernels.png"):  # drawn at the end of the run, and again on demand
+        path = tmp_path / "run" / name
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        path.unlink()
+    assert train.main(["--plot", str(tmp_path / "run")]) == 0
+    assert (tmp_path / "run" / "losses.png").exists() and (tmp_path / "run" / "kernels.png").exists()
+    assert train.main(["--plot", str(tmp_path)]) == 2  # nothing to draw there
 
 
 DEVICES_SCRIPT = """
