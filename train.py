@@ -424,6 +424,59 @@ def load_checkpoint(out):
 
 
 # ----------------------------------------------------------------------------------------------------
+# Pictures: the loss curves of a run, and what each layer's two SSMs learned.
+
+
+def plot_run(out, kernel_length=256):
+    """Writes out/losses.png (train and eval masked-LM loss by step) and out/kernels.png (each layer's
+    forward and backward SSM kernels) for a run folder or a checkpoint folder. Returns the paths."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    written = []
+    metrics = os.path.join(out, "metrics.jsonl")
+    if os.path.isfile(metrics):
+        with open(metrics) as f:
+            rows = [json.loads(line) for line in f]
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for key, label, style in (("loss", "train (batch)", "-"), ("eval_loss", "eval (held-out)", "o-")):
+            points = sorted({r["step"]: r[key] for r in rows if key in r}.items())  # the last value of a step
+            if points:
+                ax.plot(*zip(*points), style, label=label, markersize=4)
+        ax.set_xlabel("step")
+        ax.set_ylabel("masked-LM loss (nats per prediction)")
+        ax.set_title(f"Masked-LM loss: {out}")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        written.append(os.path.join(out, "losses.png"))
+        fig.savefig(written[-1], dpi=120, bbox_inches="tight")
+        plt.close(fig)
+    checkpoint = os.path.join(out, "checkpoint") if os.path.isdir(os.path.join(out, "checkpoint")) else out
+    if os.path.isfile(os.path.join(checkpoint, "flax_model.msgpack")):
+        config, params = bigs.from_pretrained(checkpoint)
+        n = config.num_hidden_layers
+        fig, axes = plt.subplots(n, 1, figsize=(8, 1.8 * n + 0.8), sharex=True, squeeze=False)
+        lags = np.arange(kernel_length)
+        for i, ax in enumerate(axes[:, 0]):
+            layer = jax.tree.map(lambda a: a[i], params["layers"])
+            # output t reads token t - lag through the forward SSM and t + lag through the backward one
+            ax.plot(-lags, bigs.ssm_kernel(layer["ssm_f"], kernel_length), label="forward SSM (reads earlier tokens)")
+            ax.plot(lags, bigs.ssm_kernel(layer["ssm_b"], kernel_length), label="backward SSM (reads later tokens)")
+            ax.axhline(0, color="gray", lw=0.5)
+            ax.set_ylabel(f"layer {i}\nkernel weight")
+            ax.grid(alpha=0.3)
+        axes[0, 0].legend(loc="upper right", fontsize=8)
+        axes[0, 0].set_title(f"SSM kernels of {checkpoint}")
+        axes[-1, 0].set_xlabel("position of the input token relative to the output token")
+        written.append(os.path.join(out, "kernels.png"))
+        fig.savefig(written[-1], dpi=120, bbox_inches="tight")
+        plt.close(fig)
+    if not written:
+        raise UsageError(f"nothing to draw in {out}: no metrics.jsonl and no checkpoint")
+    return written
+
+
+# ----------------------------------------------------------------------------------------------------
 # The command line.
 
 
@@ -466,6 +519,8 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--benchmark", action="store_true", help="time the train step on random tokens, then exit")
     p.add_argument("--multihost", action="store_true", help="call jax.distributed.initialize() first")
+    p.add_argument("--plot", metavar="FOLDER", default=None,
+                   help="draw losses.png and kernels.png for a run or checkpoint folder, then exit")
     args = p.parse_args(argv)
     if args.batch_size is None:
         args.batch_size = max(1, 8192 // max(args.seq_len, 1))
@@ -547,6 +602,9 @@ def main(argv=None):
 
 
 def run(args):
+    if args.plot:
+        print("wrote", ", ".join(plot_run(args.plot)))
+        return 0
     if args.multihost:
         jax.distributed.initialize()
     if args.resume:
@@ -641,9 +699,11 @@ def train_loop(args, config, state, tok, train_step, eval_step, mesh, train_bloc
     if saved_step != args.steps:
         save_checkpoint(out, config, state, tok, args)
     seconds = time.perf_counter() - t_start
+    pictures = plot_run(out) if jax.process_index() == 0 else []
     print(f"done: {args.steps} steps ({args.steps - start} in this run, {(args.steps - start) * args.batch_size * args.seq_len:,} "
           f"tokens, {seconds:.0f} s); eval loss {result['eval_loss']:.3f} (unigram entropy {entropy:.3f}), "
-          f"accuracy {result['eval_accuracy']:.3f}; checkpoint {os.path.join(out, 'checkpoint')}")
+          f"accuracy {result['eval_accuracy']:.3f}; checkpoint {os.path.join(out, 'checkpoint')}; "
+          f"pictures {', '.join(pictures)}")
     return 0
 
 
