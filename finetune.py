@@ -368,12 +368,7 @@ def run(args):
     steps_per_epoch = max(1, -(-n_train // args.batch_size))
     total = max(1, round(args.epochs * steps_per_epoch))
     eval_every = args.eval_every or steps_per_epoch
-    state = {"params": params, "opt": train.adamw_init(params), "step": jnp.zeros((), jnp.int32),
-             "key": jax.random.key(args.seed + 1)}
-    replicated = NamedSharding(mesh, P())
-    shardings = {"params": train.param_shardings(params, mesh), "step": replicated, "key": replicated}
-    shardings["opt"] = {"m": shardings["params"], "v": shardings["params"]}
-    state = jax.device_put(state, shardings)
+    state, shardings = train.train_state(params, args.seed + 1, mesh)
     train_step, predict = make_steps(config, args, params, shardings, mesh, regression, total)
 
     from tqdm import tqdm

@@ -291,6 +291,20 @@ def make_mesh(spec):
     return Mesh(devices, ("data", "model"))
 
 
+def train_state(params, seed, mesh):
+    """(state, shardings): parameters, AdamW moments, step and dropout key, placed on the mesh."""
+    state = {"params": params, "opt": adamw_init(params), "step": jnp.zeros((), jnp.int32),
+             "key": jax.random.key(seed)}
+    return place(state, mesh)
+
+
+def place(state, mesh):
+    replicated = NamedSharding(mesh, P())
+    shardings = {"params": param_shardings(state["params"], mesh), "step": replicated, "key": replicated}
+    shardings["opt"] = {"m": shardings["params"], "v": shardings["params"]}
+    return jax.device_put(state, shardings), shardings
+
+
 def param_shardings(params, mesh):
     """Matrices are split along their last axis over 'model' where it divides; the rest is replicated."""
     m = mesh.shape["model"]
@@ -393,11 +407,11 @@ def save_checkpoint(out, config, state, tokenizer, args):
     bigs.save_pretrained(tmp, config, params, "mlm")
     bigs.save_msgpack(os.path.join(tmp, "optimizer.msgpack"), bigs.flatten(opt))
     bigs.write_atomic(os.path.join(tmp, "tokenizer.json"), tokenizer.to_str().encode())
-    train_state = {"step": step, "key": np.asarray(jax.random.key_data(state["key"])).tolist(),
-                   "tokens_seen": step * args.batch_size * args.seq_len,
-                   "blocks_seen": step * args.batch_size,  # the data position: batch_at(step) follows
-                   "args": vars(args)}
-    bigs.write_atomic(os.path.join(tmp, "train_state.json"), json.dumps(train_state, indent=1).encode())
+    info = {"step": step, "key": np.asarray(jax.random.key_data(state["key"])).tolist(),
+            "tokens_seen": step * args.batch_size * args.seq_len,
+            "blocks_seen": step * args.batch_size,  # the data position: batch_at(step) follows
+            "args": vars(args)}
+    bigs.write_atomic(os.path.join(tmp, "train_state.json"), json.dumps(info, indent=1).encode())
     shutil.rmtree(final, ignore_errors=True)
     os.rename(tmp, final)
     tmp_link = os.path.join(out, ".checkpoint-link")
@@ -618,14 +632,10 @@ def run(args):
     mesh = make_mesh(args.mesh)
     if not args.benchmark:
         tok, train_blocks, eval_blocks = load_data(args, config, os.path.expanduser(args.cache_dir), tok)
-    if not args.resume:
-        params = bigs.init_params(config, jax.random.key(args.seed), "mlm")
-        state = {"params": params, "opt": adamw_init(params), "step": jnp.zeros((), jnp.int32),
-                 "key": jax.random.key(args.seed + 1)}
-    replicated = NamedSharding(mesh, P())
-    shardings = {"params": param_shardings(state["params"], mesh), "step": replicated, "key": replicated}
-    shardings["opt"] = {"m": shardings["params"], "v": shardings["params"]}
-    state = jax.device_put(state, shardings)
+    if args.resume:
+        state, shardings = place(state, mesh)
+    else:
+        state, shardings = train_state(bigs.init_params(config, jax.random.key(args.seed), "mlm"), args.seed + 1, mesh)
     specials = special_ids(tok) if tok else np.arange(len(SPECIAL_TOKENS), dtype=np.int32)
     mask_id = tok.token_to_id("[MASK]") if tok else SPECIAL_TOKENS.index("[MASK]")
     train_step = make_train_step(config, args, jnp.asarray(specials), mask_id, state["params"], shardings, mesh)
