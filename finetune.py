@@ -220,7 +220,7 @@ def load_model(args, task, num_labels):
     if args.init == "scratch":
         if not args.tokenizer:
             raise UsageError("--init scratch needs --tokenizer (a vocab.txt, tokenizer.json or hub id)")
-        tok = train.get_tokenizer(args.tokenizer, None, None, None, None)
+        tok = train.get_tokenizer(args.tokenizer)
         config = dataclasses.replace(bigs.PRESETS[args.model], vocab_size=tok.get_vocab_size(), num_labels=num_labels)
         return config, bigs.init_params(config, jax.random.key(args.seed), head), tok
     path = args.model_name_or_path
@@ -231,7 +231,7 @@ def load_model(args, task, num_labels):
                                   if os.path.isfile(os.path.join(path, "tokenizer.json")) else None)
     if tok_spec is None:
         raise UsageError(f"{path} has no tokenizer.json: give --tokenizer (official checkpoints: bert-large-uncased)")
-    tok = train.get_tokenizer(tok_spec, None, None, None, None)
+    tok = train.get_tokenizer(tok_spec)
     if tok.get_vocab_size() != config.vocab_size:
         raise UsageError(f"the checkpoint's vocab_size is {config.vocab_size} but the tokenizer has "
                          f"{tok.get_vocab_size()} tokens")

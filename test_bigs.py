@@ -716,3 +716,12 @@ def test_finetune_bad_input_before_training(tmp_path, tiny_vocab, capsys):
                 "--out", str(tmp_path / "out"))
     assert "vocab_size is 1000 but the tokenizer has 1205 tokens" in err
     assert not os.path.exists(tmp_path / "out" / "metrics.jsonl")
+
+
+def test_finetune_from_scratch(tmp_path, tiny_vocab):
+    data = write_files(tmp_path / "data", GLUE_FILES["sst2"])
+    argv = ["--task", "sst2", "--data_dir", data, "--init", "scratch", "--model", "tiny", "--batch_size", "2",
+            "--out", str(tmp_path / "out")]
+    assert finetune.main(argv + ["--tokenizer", tiny_vocab]) == 0
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["final"]["validation_accuracy"] in (0.0, 1.0)
+    assert finetune.main(argv) == 2  # scratch needs a tokenizer

@@ -91,8 +91,9 @@ def bert_tokenizer(model):
     return tok
 
 
-def get_tokenizer(spec, texts, vocab_size, cache_dir, source):
-    """A tokenizers.Tokenizer from a vocab.txt, a tokenizer.json, a hub id, or (spec None) trained on texts."""
+def get_tokenizer(spec, texts=None, vocab_size=None, cache_dir=None, source=None):
+    """A tokenizers.Tokenizer from a vocab.txt, a tokenizer.json or a hub id; spec None: a WordPiece of
+    vocab_size trained on texts (a datasets.Dataset) and cached in cache_dir under a key of source."""
     from tokenizers import Tokenizer, models, trainers
     if spec is None:
         key = hashlib.sha256(f"{source}|{vocab_size}|wordpiece-v1".encode()).hexdigest()[:16]
