@@ -355,11 +355,7 @@ def run(args):
     mesh = train.make_mesh(args.mesh)
     if args.batch_size % mesh.shape["data"]:
         raise UsageError(f"--batch_size {args.batch_size} must be a multiple of the {mesh.shape['data']} data devices")
-    out = args.out or os.path.join("runs", f"finetune-{args.task}")
-    try:
-        os.makedirs(out, exist_ok=True)
-    except OSError as e:
-        raise UsageError(f"cannot write to the output folder {out}: {e.strerror}")
+    out = train.output_folder(args.out or os.path.join("runs", f"finetune-{args.task}"))
     data = load_task_data(args, task)
     config, params, tok = load_model(args, task, 1 if regression else len(task.labels))
     examples = {split: encode(tok, d, args.max_seq_length) for split, d in data.items()}

@@ -542,7 +542,17 @@ def parse_args(argv):
     return args
 
 
-def check_args(args, config):
+def output_folder(path):
+    """Create path if needed and make sure a file can be written there; a clear error if not."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        tempfile.NamedTemporaryFile(dir=path).close()
+    except OSError as e:
+        raise UsageError(f"cannot write to the output folder {path}: {e.strerror}")
+    return path
+
+
+def check_args(args, config, mesh):
     """Every check that needs no data, before any work."""
     if not 1 <= args.seq_len <= config.max_position_embeddings:
         raise UsageError(f"--seq_len {args.seq_len} must be in 1..{config.max_position_embeddings} "
@@ -554,16 +564,11 @@ def check_args(args, config):
             raise UsageError(f"--{name} must be positive")
     if not 0 < args.eval_fraction < 1:
         raise UsageError("--eval_fraction must be between 0 and 1")
-    data = make_mesh(args.mesh).shape["data"]
+    data = mesh.shape["data"]
     if args.batch_size % (args.grad_accum * data):
         raise UsageError(f"--batch_size {args.batch_size} must divide into --grad_accum {args.grad_accum} "
                          f"micro-batches over {data} data-parallel devices")
-    try:
-        os.makedirs(args.out, exist_ok=True)
-        probe = tempfile.NamedTemporaryFile(dir=args.out)
-        probe.close()
-    except OSError as e:
-        raise UsageError(f"cannot write to the output folder {args.out}: {e.strerror}")
+    output_folder(args.out)
 
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e12, "TPU v5 lite": 197e12,
@@ -629,8 +634,8 @@ def run(args):
         config = bigs.PRESETS[args.model]
         config = dataclasses.replace(config, dtype="bfloat16" if args.bf16 else config.dtype, remat=args.remat)
         tok = None
-    check_args(args, config)
     mesh = make_mesh(args.mesh)
+    check_args(args, config, mesh)
     if not args.benchmark:
         tok, train_blocks, eval_blocks = load_data(args, config, os.path.expanduser(args.cache_dir), tok)
     if args.resume:
