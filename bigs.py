@@ -96,6 +96,15 @@ def ssm(p, u):
     return causal_conv(u, ssm_kernel(p, u.shape[1])) + p["D"] * u
 
 
+def toeplitz(k):
+    """T (Q, Q) with T[i, j] = k[i - j] below the diagonal and 0 above: row i of T is the reversed k,
+    zero-padded to 2Q, rotated by i, so T is a slice of that vector tiled Q times. (Indexing k by i - j
+    would also do, but its gradient is a scatter-add of Q^2 values into Q, slow on GPUs.)"""
+    Q = k.shape[0]
+    rows = jnp.tile(jnp.concatenate([k[::-1], jnp.zeros_like(k)]), Q)[: Q * (2 * Q - 1)].reshape(Q, 2 * Q - 1)
+    return rows[:, Q - 1:]
+
+
 def ssm_chunked(p, u, reverse=False, Q=512):
     """The same y = K * u + D u as `ssm`, as matmuls (fast on GPUs and TPUs). Split t = cQ + i:
       within chunk c:  sum_{j<=i} K[i-j] u[c,j], a (Q, Q) lower-triangular Toeplitz matmul;
@@ -104,30 +113,34 @@ def ssm_chunked(p, u, reverse=False, Q=512):
                        g[c'] = sum_j Abar^(Q-j) u[c',j].
     reverse=True runs the SSM from the end of the sequence (= flip(ssm(flip(u))), without the flips):
     the Toeplitz matrix is transposed, the state comes from later chunks, and i and j count from the
-    chunk's other end. u: (B, L, H); every power of Abar here is <= 1 in modulus, so nothing grows."""
+    chunk's other end. u: (B, L, H); every power of Abar here is <= 1 in modulus, so nothing grows.
+    The matmuls run in u's dtype (bfloat16 in mixed precision; their gradients then do too); the sums
+    of their results run in float32."""
     Bsz, L, H = u.shape
-    Q = min(Q, L)
+    Q = L if L <= 2 * Q else Q  # up to 2Q tokens one Toeplitz matmul is faster than carrying the state (H100)
     nC = -(-L // Q)
-    x = jnp.pad(u.astype(jnp.float32), ((0, 0), (0, nC * Q - L), (0, 0))).reshape(Bsz, nC, Q, H)
+    x = jnp.pad(u, ((0, 0), (0, nC * Q - L), (0, 0))).reshape(Bsz, nC, Q, H)
+    matmul = lambda spec, a, b: jnp.einsum(spec, a.astype(u.dtype), b.astype(u.dtype)).astype(jnp.float32)
     A, C, dt = ssm_parameters(p)
-    i = jnp.arange(Q)
-    lag = i[:, None] - i[None, :]  # (Q, Q)
-    T = jnp.where(lag >= 0, ssm_kernel(p, Q)[jnp.maximum(lag, 0)], 0.0)  # T[i, j] = K[i - j]
-    y = jnp.einsum("ij,bcjh->bcih", T.T if reverse else T, x)
+    T = toeplitz(ssm_kernel(p, Q))  # (Q, Q)
+    y = matmul("ij,bcjh->bcih", T.T if reverse else T, x)
     if nC > 1:  # the matmuls over the N modes run on stacked real and imaginary parts (2N rows)
-        N = A.shape[0]
+        N, i = A.shape[0], jnp.arange(Q)
         to_edge, from_edge = (i, Q - i) if reverse else (Q - i, i)  # powers of Abar between position and state
         to_state = jnp.exp((to_edge[:, None] * dt) * A)  # (Q, N)
-        g = jnp.einsum("jn,bcjh->bcnh", jnp.concatenate([to_state.real, to_state.imag], 1), x)
-        g = g[:, :, :N] + 1j * g[:, :, N:]  # (B, nC, N, H)
+        g = matmul("jn,bcjh->bcnh", jnp.concatenate([to_state.real, to_state.imag], 1), x)  # (B, nC, 2N, H)
         c = jnp.arange(nC)
         d = (c[None, :] - 1 - c[:, None]) if reverse else (c[:, None] - 1 - c[None, :])  # whole chunks between
-        M = jnp.where((d >= 0)[..., None], jnp.exp((jnp.maximum(d, 0)[..., None] * Q * dt) * A), 0)
-        h = jnp.einsum("cdn,bdnh->bcnh", M, g)  # (B, nC, N, H): every earlier chunk's g, decayed
+        M = jnp.where((d >= 0)[..., None], jnp.exp((jnp.maximum(d, 0)[..., None] * Q * dt) * A), 0)  # (nC, nC, N)
+        # h[c] = sum_c' M[c, c'] g[c'] (complex, per mode) as one real matmul over all chunks at once: each
+        # complex factor m becomes the block [[Re m, -Im m], [Im m, Re m]] acting on stacked (Re g, Im g).
+        diag = lambda m: m[..., None] * jnp.eye(N)  # (nC, nC, N, N)
+        R = jnp.block([[diag(M.real), diag(-M.imag)], [diag(M.imag), diag(M.real)]])  # (nC, nC, 2N, 2N)
+        R = R.transpose(0, 2, 1, 3).reshape(nC * 2 * N, nC * 2 * N)
+        h = matmul("kl,blh->bkh", R, g.reshape(Bsz, nC * 2 * N, H)).reshape(Bsz, nC, 2 * N, H)  # (Re h, Im h)
         E = C * (jnp.exp(dt * A) - 1) / A * jnp.exp((from_edge[:, None] * dt) * A)  # (Q, N): C Bbar Abar^i
-        y = y + jnp.einsum("in,bcnh->bcih", jnp.concatenate([E.real, -E.imag], 1),
-                           jnp.concatenate([h.real, h.imag], 2))  # Re(E h)
-    return y.reshape(Bsz, nC * Q, H)[:, :L] + p["D"] * u.astype(jnp.float32)
+        y = y + matmul("in,bcnh->bcih", jnp.concatenate([E.real, -E.imag], 1), h)  # Re(E h)
+    return (y.reshape(Bsz, nC * Q, H)[:, :L] + p["D"] * u).astype(u.dtype)
 
 
 def ssm_recurrent(p, u):
@@ -201,7 +214,7 @@ def embed(p, config, input_ids, token_type_ids, rng):
 
 
 def encode(params, config, input_ids, attention_mask=None, token_type_ids=None, rng=None):
-    """Embeddings, then the stack of BiGS layers (scanned over their stacked parameters).  -> (B, L, H)."""
+    """Embeddings, then the stack of BiGS layers (parameters stacked on a leading layer axis).  -> (B, L, H)."""
     L = input_ids.shape[-1]
     if not 1 <= L <= config.max_position_embeddings:
         raise ValueError(f"sequence length {L} is outside 1..max_position_embeddings={config.max_position_embeddings}")
@@ -211,9 +224,17 @@ def encode(params, config, input_ids, attention_mask=None, token_type_ids=None, 
     mask = None
     if config.mask_padding and attention_mask is not None:
         mask = attention_mask[..., None].astype(jnp.float32)
-    layer = lambda x, p: (bigs_layer(p, x, mask, config), None)
-    x, _ = jax.lax.scan(jax.checkpoint(layer) if config.remat else layer, x, params["layers"])
+    layer = jax.checkpoint(bigs_layer, static_argnums=3) if config.remat else bigs_layer
+    for p in unstack(params["layers"], config.num_hidden_layers):  # a Python loop, not lax.scan: XLA then
+        x = layer(p, x, mask, config)  # fuses and schedules across layers, which is faster
     return x
+
+
+def unstack(tree, n):
+    """The n trees of a tree whose leaves are stacked on a leading axis of length n. Split, not indexed:
+    the gradient of a split is one concatenation, that of n indexings a sum of n zero-padded copies."""
+    parts = jax.tree.map(lambda a: [piece[0] for piece in jnp.split(a, n)], tree)
+    return [jax.tree.map(lambda piece: piece[i], parts, is_leaf=lambda x: isinstance(x, list)) for i in range(n)]
 
 
 def pool(p, config, h, attention_mask):
