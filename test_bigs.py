@@ -218,8 +218,8 @@ def test_every_head_jits_and_differentiates(head):
     for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(eager)):
         np.testing.assert_allclose(a, b, atol=1e-5)
 
-    def loss(params, rng):
-        out = bigs.forward(params, TINY, ids, mask, head=head, train=True, rng=rng)
+    def loss(params, rng, config=TINY):
+        out = bigs.forward(params, config, ids, mask, head=head, train=True, rng=rng)
         return sum(jnp.sum(jnp.sin(o)) for o in jax.tree.leaves(out))
 
     grads = jax.jit(jax.grad(loss))(params, jax.random.key(2))
@@ -228,6 +228,10 @@ def test_every_head_jits_and_differentiates(head):
     for name in ("log_step", "A_im", "C"):  # gradients reach both SSMs of every layer
         for direction in ("ssm_f", "ssm_b"):
             assert np.all(np.abs(grads["layers"][direction][name]).max(axis=-1) > 0), (direction, name)
+    # remat recomputes each layer in the backward pass instead of keeping its activations: same gradients
+    remat = jax.jit(jax.grad(lambda p, r: loss(p, r, dataclasses.replace(TINY, remat=True))))(params, jax.random.key(2))
+    for (path, g), r in zip(bigs.flatten(grads).items(), bigs.flatten(remat).values()):
+        np.testing.assert_allclose(r, g, rtol=1e-4, atol=1e-6, err_msg=path)
 
 
 def test_multiple_choice_scores_each_choice_as_its_own_sequence():
