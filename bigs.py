@@ -69,16 +69,17 @@ PRESETS = {
 
 
 def ssm_parameters(p):
-    """A (N,) complex, C (N,) complex and the step dt (1,) of one SSM's stored parameters."""
+    """A (N,) complex, its zero-order hold Bbar (N,), C (N,) complex and the step dt (1,) of one SSM's
+    stored parameters. (Abar^l = exp(l dt A) is formed where it is used.)"""
     A = jnp.minimum(p["A_re"], -1e-4) + 1j * p["A_im"]  # real part kept negative: a stable SSM
     C = p["C"][:, 0] + 1j * p["C"][:, 1]
-    return A, C, jnp.exp(p["log_step"])
+    dt = jnp.exp(p["log_step"])
+    return A, (jnp.exp(dt * A) - 1) / A, C, dt
 
 
 def ssm_kernel(p, L):
     """The SSM's convolution kernel K (L,): K[l] = Re sum_n C_n Bbar_n Abar_n^l, with Abar^l = exp(l dt A)."""
-    A, C, dt = ssm_parameters(p)
-    Bbar = (jnp.exp(dt * A) - 1) / A  # (N,)
+    A, Bbar, C, dt = ssm_parameters(p)
     l = jnp.arange(L)[:, None]  # (L, 1)
     return jnp.sum(C * Bbar * jnp.exp((l * dt) * A), axis=-1).real  # (L,)
 
@@ -121,7 +122,7 @@ def ssm_chunked(p, u, reverse=False, Q=512):
     nC = -(-L // Q)
     x = jnp.pad(u, ((0, 0), (0, nC * Q - L), (0, 0))).reshape(Bsz, nC, Q, H)
     matmul = lambda spec, a, b: jnp.einsum(spec, a.astype(u.dtype), b.astype(u.dtype)).astype(jnp.float32)
-    A, C, dt = ssm_parameters(p)
+    A, Bbar, C, dt = ssm_parameters(p)
     T = toeplitz(ssm_kernel(p, Q))  # (Q, Q)
     y = matmul("ij,bcjh->bcih", T.T if reverse else T, x)
     if nC > 1:  # the matmuls over the N modes run on stacked real and imaginary parts (2N rows)
@@ -138,16 +139,15 @@ def ssm_chunked(p, u, reverse=False, Q=512):
         R = jnp.block([[diag(M.real), diag(-M.imag)], [diag(M.imag), diag(M.real)]])  # (nC, nC, 2N, 2N)
         R = R.transpose(0, 2, 1, 3).reshape(nC * 2 * N, nC * 2 * N)
         h = matmul("kl,blh->bkh", R, g.reshape(Bsz, nC * 2 * N, H)).reshape(Bsz, nC, 2 * N, H)  # (Re h, Im h)
-        E = C * (jnp.exp(dt * A) - 1) / A * jnp.exp((from_edge[:, None] * dt) * A)  # (Q, N): C Bbar Abar^i
+        E = C * Bbar * jnp.exp((from_edge[:, None] * dt) * A)  # (Q, N): C Bbar Abar^i
         y = y + matmul("in,bcnh->bcih", jnp.concatenate([E.real, -E.imag], 1), h)  # Re(E h)
     return (y.reshape(Bsz, nC * Q, H)[:, :L] + p["D"] * u).astype(u.dtype)
 
 
 def ssm_recurrent(p, u):
     """The same SSM step by step: x_k = Abar x_{k-1} + Bbar u_k, y_k = Re(C x_k) + D u_k.  u, y: (B, L, H)."""
-    A, C, dt = ssm_parameters(p)
+    A, Bbar, C, dt = ssm_parameters(p)
     Abar = jnp.exp(dt * A)  # (N,)
-    Bbar = (Abar - 1) / A  # (N,)
 
     def step(x, u_k):  # x: (B, H, N) complex state, u_k: (B, H)
         x = Abar * x + Bbar * u_k[..., None]
