@@ -258,7 +258,7 @@ def loss_fn(params, config, regression, batch, rng):
     if regression:
         per_example = jnp.square(logits[:, 0] - labels)
     else:
-        per_example = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, labels[:, None].astype(jnp.int32), -1)[:, 0]
+        per_example = train.cross_entropy(logits, labels.astype(jnp.int32))
     return jnp.sum(per_example * weights) / jnp.maximum(jnp.sum(weights), 1.0), logits
 
 
@@ -393,7 +393,7 @@ def run(args):
                 key = f"{task.eval_splits[0]}_{main_metric}"
                 if not best or final[key] > best[key]:
                     best = dict(final)
-                bar.write("step {}: {}".format(step, ", ".join(f"{k} {v:.4f}" for k, v in final.items() if k != "step")))
+                bar.write(f"step {step}: {scores_text(final)}")
             if step == total:
                 break
     bar.close()
@@ -403,10 +403,13 @@ def run(args):
     checkpoint = os.path.join(out, "checkpoint")  # the finetuned model, e.g. MNLI's as a start for RTE
     bigs.save_pretrained(checkpoint, config, jax.tree.map(np.asarray, state["params"]), "classification")
     bigs.write_atomic(os.path.join(checkpoint, "tokenizer.json"), tok.to_str().encode())
-    fmt = lambda r: ", ".join(f"{k} {v:.4f}" for k, v in r.items() if k != "step")
-    print(f"done: {args.task}, {total} steps; final (step {final['step']}): {fmt(final)}; "
-          f"best seen (step {best['step']}): {fmt(best)}; metrics, predictions and checkpoint in {out}")
+    print(f"done: {args.task}, {total} steps; final (step {final['step']}): {scores_text(final)}; "
+          f"best seen (step {best['step']}): {scores_text(best)}; metrics, predictions and checkpoint in {out}")
     return 0
+
+
+def scores_text(row):
+    return ", ".join(f"{k} {v:.4f}" for k, v in row.items() if k != "step")
 
 
 def write_predictions(path, task, pred):

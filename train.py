@@ -214,8 +214,12 @@ def mlm_loss(params, config, inputs, positions, targets, weights, rng=None):
     """(sum of cross-entropies, number of correct predictions), over the masked positions."""
     logits = bigs.forward(params, config, inputs, head="mlm", train=rng is not None, rng=rng,
                           masked_positions=positions)  # (B, M, V)
-    ce = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, targets[..., None], -1)[..., 0]
-    return jnp.sum(ce * weights), jnp.sum((jnp.argmax(logits, -1) == targets) * weights)
+    return jnp.sum(cross_entropy(logits, targets) * weights), jnp.sum((jnp.argmax(logits, -1) == targets) * weights)
+
+
+def cross_entropy(logits, labels):
+    """-log softmax(logits)[label], per example: logits (..., classes), labels (...) int."""
+    return jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, labels[..., None], -1)[..., 0]
 
 
 # ----------------------------------------------------------------------------------------------------
