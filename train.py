@@ -476,8 +476,7 @@ def plot_run(out, kernel_length=256):
         n = config.num_hidden_layers
         fig, axes = plt.subplots(n, 1, figsize=(8, 1.8 * n + 0.8), sharex=True, squeeze=False)
         lags = np.arange(kernel_length)
-        for i, ax in enumerate(axes[:, 0]):
-            layer = jax.tree.map(lambda a: a[i], params["layers"])
+        for i, (ax, layer) in enumerate(zip(axes[:, 0], bigs.unstack(params["layers"], n))):
             # output t reads token t - lag through the forward SSM and t + lag through the backward one
             ax.plot(-lags, bigs.ssm_kernel(layer["ssm_f"], kernel_length), label="forward SSM (reads earlier tokens)")
             ax.plot(lags, bigs.ssm_kernel(layer["ssm_b"], kernel_length), label="backward SSM (reads later tokens)")
