@@ -12,6 +12,7 @@ V vocab_size. The computation equals the official Flax implementation (tests: te
 """
 
 import dataclasses
+import functools
 import json
 import os
 import tempfile
@@ -19,6 +20,8 @@ import tempfile
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
 
 # ----------------------------------------------------------------------------------------------------
 # Configuration. Field names and defaults are those of the official BiGSConfig, so an official
@@ -92,8 +95,8 @@ def causal_conv(u, K):
 
 
 def ssm(p, u):
-    """The SSM as a convolution: y = K * u + D u.  u, y: (B, L, H), float32 (jnp.fft rejects bfloat16)."""
-    u = u.astype(jnp.float32)
+    """The SSM as a convolution: y = K * u + D u.  u, y: (B, L, H), float32 or wider (jnp.fft rejects bfloat16)."""
+    u = u.astype(jnp.promote_types(u.dtype, jnp.float32))
     return causal_conv(u, ssm_kernel(p, u.shape[1])) + p["D"] * u
 
 
@@ -106,6 +109,20 @@ def toeplitz(k):
     return rows[:, Q - 1:]
 
 
+def chunk_matrices(p, Q, reverse=False):
+    """The SSM's matrices for chunks of Q tokens (see ssm_chunked; i, j count from the chunk's start,
+    or from its end when reverse):  T (Q, Q) the Toeplitz matrix of K[0..Q) with K[0] + D on its
+    diagonal (transposed when reverse);  S (N, Q) = Abar^(Q-j), from position j to the chunk's edge;
+    E (Q, N) = C Bbar Abar^i, from the state at the edge to position i."""
+    A, Bbar, C, dt = ssm_parameters(p)
+    T = toeplitz(ssm_kernel(p, Q)) + p["D"] * jnp.eye(Q)
+    i = jnp.arange(Q)
+    to_edge, from_edge = (i, Q - i) if reverse else (Q - i, i)  # powers of Abar between position and state
+    S = jnp.exp((to_edge[None, :] * dt) * A[:, None])  # (N, Q)
+    E = C * Bbar * jnp.exp((from_edge[:, None] * dt) * A)  # (Q, N)
+    return (T.T if reverse else T), S, E
+
+
 def ssm_chunked(p, u, reverse=False, Q=512):
     """The same y = K * u + D u as `ssm`, as matmuls (fast on GPUs and TPUs). Split t = cQ + i:
       within chunk c:  sum_{j<=i} K[i-j] u[c,j] + D u[c,i], a (Q, Q) lower-triangular Toeplitz matmul
@@ -116,8 +133,11 @@ def ssm_chunked(p, u, reverse=False, Q=512):
     reverse=True runs the SSM from the end of the sequence (= flip(ssm(flip(u))), without the flips):
     the Toeplitz matrix is transposed, the state comes from later chunks, and i and j count from the
     chunk's other end. u: (B, L, H); every power of Abar here is <= 1 in modulus, so nothing grows.
-    The matmuls run in u's dtype (bfloat16 in mixed precision; their gradients then do too)."""
+    The matmuls run in u's dtype (bfloat16 in mixed precision; their gradients then do too).
+    On a GPU, sequences longer than 2Q go to `ssm_scan`, the same sum as one kernel."""
     Bsz, L, H = u.shape
+    if L > 2 * Q and use_scan_kernel(u):
+        return ssm_scan(p, u, reverse)
     Q = L if L <= 2 * Q else Q  # up to 2Q tokens one Toeplitz matmul is faster than carrying the state (H100)
     nC = -(-L // Q)
     x = jnp.pad(u, ((0, 0), (0, nC * Q - L), (0, 0))).reshape(Bsz * nC, Q, H)  # one row per chunk
@@ -126,14 +146,12 @@ def ssm_chunked(p, u, reverse=False, Q=512):
         M = jnp.broadcast_to(M.astype(u.dtype), x.shape[:1] + M.shape)  # a batched matmul needs no transpose,
         return jnp.einsum("bmk,bkh->bmh", M, x)  # one M contracted with x's middle axis transposes all of x
 
-    A, Bbar, C, dt = ssm_parameters(p)
-    T = toeplitz(ssm_kernel(p, Q)) + p["D"] * jnp.eye(Q)  # (Q, Q)
-    y = matmul(T.T if reverse else T, x)  # (B nC, Q, H)
+    T, S, E = chunk_matrices(p, Q, reverse)
+    y = matmul(T, x)  # (B nC, Q, H)
     if nC > 1:  # the matmuls over the N modes run on stacked real and imaginary parts (2N rows)
-        N, i = A.shape[0], jnp.arange(Q)
-        to_edge, from_edge = (i, Q - i) if reverse else (Q - i, i)  # powers of Abar between position and state
-        to_state = jnp.exp((to_edge[None, :] * dt) * A[:, None])  # (N, Q)
-        g = matmul(jnp.concatenate([to_state.real, to_state.imag]), x)  # (B nC, 2N, H)
+        A, _, _, dt = ssm_parameters(p)
+        N = A.shape[0]
+        g = matmul(jnp.concatenate([S.real, S.imag]), x)  # (B nC, 2N, H)
         c = jnp.arange(nC)
         d = (c[None, :] - 1 - c[:, None]) if reverse else (c[:, None] - 1 - c[None, :])  # whole chunks between
         M = jnp.where((d >= 0)[..., None], jnp.exp((jnp.maximum(d, 0)[..., None] * Q * dt) * A), 0)  # (nC, nC, N)
@@ -143,9 +161,101 @@ def ssm_chunked(p, u, reverse=False, Q=512):
         R = jnp.block([[diag(M.real), diag(-M.imag)], [diag(M.imag), diag(M.real)]])  # (nC, nC, 2N, 2N)
         R = R.transpose(0, 2, 1, 3).reshape(nC * 2 * N, nC * 2 * N)
         h = matmul(R, g.reshape(Bsz, nC * 2 * N, H)).reshape(Bsz * nC, 2 * N, H)  # (Re h, Im h)
-        E = C * Bbar * jnp.exp((from_edge[:, None] * dt) * A)  # (Q, N): C Bbar Abar^i
         y = y.astype(jnp.float32) + matmul(jnp.concatenate([E.real, -E.imag], 1), h).astype(jnp.float32)  # + Re(E h)
     return y.reshape(Bsz, nC * Q, H)[:, :L].astype(u.dtype)
+
+
+# The chunked form as one GPU kernel (Pallas, compiled by Triton). XLA runs ssm_chunked's state as
+# separate matmuls, slices and sums, each a pass over the activations; here each program takes
+# SCAN_CHANNELS channels of one sequence through its chunks in order and keeps the state in registers:
+#   y[c] = T x[c] + Re(E h[c]),   h[c+1] = Abar^Q h[c] + S x[c]   (h[0] = 0; complex h as Re, Im).
+# Its transpose (the backward pass) is the same loop run the other way with T^T, E^T and S^T swapped and
+# conj(Abar^Q). One BiGS-large step at L=4096 on an H200: 189k -> 199k tokens/s; shorter sequences keep
+# the Toeplitz matmul, which is faster there.
+SCAN_CHANNELS = 32
+
+
+def use_scan_kernel(u):
+    """Where the kernel is measured to win: one GPU (XLA cannot split a kernel over a mesh, it would
+    gather the activations), bfloat16 (in float32 its matrices overflow shared memory)."""
+    return (jax.default_backend() == "gpu" and jax.device_count() == 1 and u.dtype == jnp.bfloat16
+            and u.shape[-1] % SCAN_CHANNELS == 0)
+
+
+def scan_kernel(x_ref, T_ref, Sr_ref, Si_ref, Er_ref, Ei_ref, ar_ref, ai_ref, y_ref, hr_ref, hi_ref, *, reverse):
+    """x_ref, y_ref: (nC, Q, bh) one sequence's channels; hr_ref, hi_ref: (nC, N, bh) the state before each
+    chunk (kept for the gradient); Er, Ei: the real and imaginary parts' maps, Re(E h) = Er hr + Ei hi."""
+    nC, f32 = x_ref.shape[0], jnp.float32
+
+    def chunk(k, h):
+        hr, hi = h  # (N, bh) float32
+        c = nC - 1 - k if reverse else k
+        x = x_ref[c]  # (Q, bh)
+        hr_ref[c], hi_ref[c] = hr.astype(hr_ref.dtype), hi.astype(hi_ref.dtype)
+        dot = lambda M_ref, z: jnp.dot(M_ref[...], z.astype(x.dtype), preferred_element_type=f32)
+        y_ref[c] = (dot(T_ref, x) + dot(Er_ref, hr) + dot(Ei_ref, hi)).astype(y_ref.dtype)
+        ar, ai = ar_ref[...], ai_ref[...]  # (N, 1): Abar^Q
+        return ar * hr - ai * hi + dot(Sr_ref, x), ai * hr + ar * hi + dot(Si_ref, x)
+
+    zero = jnp.zeros(hr_ref.shape[1:], f32)
+    jax.lax.fori_loop(0, nC, chunk, (zero, zero))
+
+
+def scan_call(x, T, S, E, a, reverse):
+    """Runs scan_kernel over (sequence, block of channels). x (B, nC, Q, H); T (Q, Q); S (2, N, Q) and
+    E (2, Q, N) real and imaginary parts (E's sign folded in); a (2, N). -> y like x, states (2, B, nC, N, H)."""
+    B, nC, Q, H = x.shape
+    N, bh, dt = S.shape[1], SCAN_CHANNELS, x.dtype
+    whole = lambda *shape: pl.BlockSpec(shape, lambda b, j: (0,) * len(shape))
+    xs, hs = (pl.BlockSpec((None, nC, m, bh), lambda b, j: (b, 0, 0, j)) for m in (Q, N))
+    gpu = jax.default_backend() == "gpu"  # elsewhere the kernel is interpreted (tests on the CPU)
+    y, hr, hi = pl.pallas_call(
+        functools.partial(scan_kernel, reverse=reverse), grid=(B, H // bh),
+        in_specs=[xs, whole(Q, Q), whole(N, Q), whole(N, Q), whole(Q, N), whole(Q, N), whole(N, 1), whole(N, 1)],
+        out_specs=[xs, hs, hs],
+        out_shape=[jax.ShapeDtypeStruct(x.shape, dt)] + [jax.ShapeDtypeStruct((B, nC, N, H), dt)] * 2,
+        interpret=not gpu, compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=2) if gpu else None,
+    )(x, *(m.astype(dt) for m in (T, S[0], S[1], E[0], E[1])), *(r[:, None].astype(jnp.float32) for r in a))
+    return y, jnp.stack([hr, hi])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def chunk_scan(x, T, S, E, a, reverse):
+    return scan_call(x, T, S, E, a, reverse)[0]
+
+
+def chunk_scan_forward(x, T, S, E, a, reverse):
+    y, h = scan_call(x, T, S, E, a, reverse)
+    return y, (x, T, S, E, a, h)
+
+
+def chunk_scan_backward(reverse, saved, dy):
+    """dx[c] = T^T dy[c] + S^T lam[c+1],  lam[c] = conj(Abar^Q) lam[c+1] + E^T dy[c]: the kernel run the other
+    way; lam (the gradient of the state after each chunk) and h give the matrices' gradients."""
+    x, T, S, E, a, h = saved
+    swap = lambda M: M.transpose(0, 2, 1)
+    dx, lam = scan_call(dy, T.T, swap(E), swap(S), a * jnp.array([1, -1])[:, None], not reverse)
+    outer = lambda u, v: jnp.einsum("bcih,bcjh->bcij", u, v, preferred_element_type=jnp.float32).sum((0, 1))
+    dS = jnp.stack([outer(lam[0], x), outer(lam[1], x)])
+    dE = jnp.stack([outer(dy, h[0]), outer(dy, h[1])])
+    dot = lambda u, v: jnp.sum(u.astype(jnp.float32) * v.astype(jnp.float32), (0, 1, 3))  # (N,)
+    da = jnp.stack([dot(lam[0], h[0]) + dot(lam[1], h[1]), dot(lam[1], h[0]) - dot(lam[0], h[1])])
+    return dx, outer(dy, x).astype(T.dtype), dS.astype(S.dtype), dE.astype(E.dtype), da.astype(a.dtype)
+
+
+chunk_scan.defvjp(chunk_scan_forward, chunk_scan_backward)
+
+
+def ssm_scan(p, u, reverse=False, Q=128):
+    """ssm_chunked's sum by the kernel above.  u, y: (B, L, H), H a multiple of SCAN_CHANNELS."""
+    Bsz, L, H = u.shape
+    nC = -(-L // Q)
+    x = jnp.pad(u, ((0, 0), (0, nC * Q - L), (0, 0))).reshape(Bsz, nC, Q, H)
+    A, _, _, dt = ssm_parameters(p)
+    T, S, E = chunk_matrices(p, Q, reverse)
+    parts = lambda z: jnp.stack([z.real, z.imag])
+    y = chunk_scan(x, T, parts(S), jnp.stack([E.real, -E.imag]), parts(jnp.exp((Q * dt) * A)), reverse)
+    return y.reshape(Bsz, nC * Q, H)[:, :L]
 
 
 def ssm_recurrent(p, u):

@@ -155,6 +155,29 @@ def test_chunked_matmul_form_equals_fft_form(L, Q):
         assert max_rel(a, b) < 1e-4
 
 
+@pytest.mark.parametrize("L,Q", [(1, 32), (100, 32), (300, 64), (1000, 128)])
+def test_gpu_scan_kernel_equals_fft_form(L, Q):
+    """On GPUs, long sequences run ssm_scan: the chunked form as one Pallas kernel whose gradient is the
+    same kernel run the other way. Here it runs interpreted on the CPU: values and gradients equal the
+    FFT form computed in float64, in both directions."""
+    p = random_ssm(jax.random.key(L), N=16, log_step=-3.0)
+    u = jax.random.normal(jax.random.key(7 + L), (2, L, bigs.SCAN_CHANNELS))
+    w = jax.random.normal(jax.random.key(8), u.shape)
+    flip = lambda a: jnp.flip(a, axis=1)
+    loss = lambda f: lambda p, u: jnp.sum(f(p, u) * w.astype(u.dtype))
+    for reverse in (False, True):
+        scan = lambda p, u: bigs.ssm_scan(p, u, reverse, Q)
+        got = (scan(p, u),) + jax.grad(loss(scan), argnums=(0, 1))(p, u)
+        with jax.enable_x64(True):
+            ref = (lambda p, u: flip(bigs.ssm(p, flip(u)))) if reverse else bigs.ssm
+            p64, u64 = jax.tree.map(lambda a: jnp.asarray(np.float64(a)), (p, u))
+            want = (ref(p64, u64),) + jax.grad(loss(ref), argnums=(0, 1))(p64, u64)
+            want = jax.tree.map(np.asarray, want)
+        assert max_rel(got[0], want[0]) < 1e-5
+        for a, b in zip(jax.tree.leaves(got[1:]), jax.tree.leaves(want[1:])):
+            assert max_rel(a, b) < 1e-4
+
+
 def test_gelu_backward_is_the_derivative_of_gelu():
     """bigs.gelu has a hand-written backward pass (it keeps only its input): it equals autodiff of the
     tanh GELU and a float64 central difference, and in bfloat16 it stays bfloat16 and close."""
