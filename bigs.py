@@ -134,7 +134,7 @@ def ssm_chunked(p, u, reverse=False, Q=512):
     the Toeplitz matrix is transposed, the state comes from later chunks, and i and j count from the
     chunk's other end. u: (B, L, H); every power of Abar here is <= 1 in modulus, so nothing grows.
     The matmuls run in u's dtype (bfloat16 in mixed precision; their gradients then do too).
-    On a GPU, sequences longer than 2Q go to `ssm_scan`, the same sum as one kernel."""
+    On one GPU in bfloat16, sequences longer than 2Q go to `ssm_scan`, the same sum as one kernel."""
     Bsz, L, H = u.shape
     if L > 2 * Q and use_scan_kernel(u):
         return ssm_scan(p, u, reverse)
