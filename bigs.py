@@ -112,15 +112,16 @@ def toeplitz(k):
 def chunk_matrices(p, Q, reverse=False):
     """The SSM's matrices for chunks of Q tokens (see ssm_chunked; i, j count from the chunk's start,
     or from its end when reverse):  T (Q, Q) the Toeplitz matrix of K[0..Q) with K[0] + D on its
-    diagonal (transposed when reverse);  S (N, Q) = Abar^(Q-j), from position j to the chunk's edge;
-    E (Q, N) = C Bbar Abar^i, from the state at the edge to position i."""
+    diagonal (transposed when reverse);  S = Abar^(Q-j), from position j to the chunk's edge;
+    E = C Bbar Abar^i, from the state at the edge to position i. Both complex, kept as real parts for
+    real matmuls: S (2, N, Q) = (Re, Im) and E (2, Q, N) = (Re, -Im), so Re(E h) = E[0] Re h + E[1] Im h."""
     A, Bbar, C, dt = ssm_parameters(p)
     T = toeplitz(ssm_kernel(p, Q)) + p["D"] * jnp.eye(Q)
     i = jnp.arange(Q)
     to_edge, from_edge = (i, Q - i) if reverse else (Q - i, i)  # powers of Abar between position and state
     S = jnp.exp((to_edge[None, :] * dt) * A[:, None])  # (N, Q)
     E = C * Bbar * jnp.exp((from_edge[:, None] * dt) * A)  # (Q, N)
-    return (T.T if reverse else T), S, E
+    return (T.T if reverse else T), jnp.stack([S.real, S.imag]), jnp.stack([E.real, -E.imag])
 
 
 def ssm_chunked(p, u, reverse=False, Q=512):
@@ -151,7 +152,7 @@ def ssm_chunked(p, u, reverse=False, Q=512):
     if nC > 1:  # the matmuls over the N modes run on stacked real and imaginary parts (2N rows)
         A, _, _, dt = ssm_parameters(p)
         N = A.shape[0]
-        g = matmul(jnp.concatenate([S.real, S.imag]), x)  # (B nC, 2N, H)
+        g = matmul(S.reshape(2 * N, Q), x)  # (B nC, 2N, H)
         c = jnp.arange(nC)
         d = (c[None, :] - 1 - c[:, None]) if reverse else (c[:, None] - 1 - c[None, :])  # whole chunks between
         M = jnp.where((d >= 0)[..., None], jnp.exp((jnp.maximum(d, 0)[..., None] * Q * dt) * A), 0)  # (nC, nC, N)
@@ -161,7 +162,8 @@ def ssm_chunked(p, u, reverse=False, Q=512):
         R = jnp.block([[diag(M.real), diag(-M.imag)], [diag(M.imag), diag(M.real)]])  # (nC, nC, 2N, 2N)
         R = R.transpose(0, 2, 1, 3).reshape(nC * 2 * N, nC * 2 * N)
         h = matmul(R, g.reshape(Bsz, nC * 2 * N, H)).reshape(Bsz * nC, 2 * N, H)  # (Re h, Im h)
-        y = y.astype(jnp.float32) + matmul(jnp.concatenate([E.real, -E.imag], 1), h).astype(jnp.float32)  # + Re(E h)
+        E = E.transpose(1, 0, 2).reshape(Q, 2 * N)  # (Q, 2N)
+        y = y.astype(jnp.float32) + matmul(E, h).astype(jnp.float32)  # + Re(E h)
     return y.reshape(Bsz, nC * Q, H)[:, :L].astype(u.dtype)
 
 
@@ -202,8 +204,8 @@ def scan_kernel(x_ref, T_ref, Sr_ref, Si_ref, Er_ref, Ei_ref, ar_ref, ai_ref, y_
 
 
 def scan_call(x, T, S, E, a, reverse):
-    """Runs scan_kernel over (sequence, block of channels). x (B, nC, Q, H); T (Q, Q); S (2, N, Q) and
-    E (2, Q, N) real and imaginary parts (E's sign folded in); a (2, N). -> y like x, states (2, B, nC, N, H)."""
+    """Runs scan_kernel over (sequence, block of channels). x (B, nC, Q, H); T, S, E from chunk_matrices;
+    a (2, N) = Abar^Q's (Re, Im). -> y like x, states (2, B, nC, N, H)."""
     B, nC, Q, H = x.shape
     N, bh, dt = S.shape[1], SCAN_CHANNELS, x.dtype
     whole = lambda *shape: pl.BlockSpec(shape, lambda b, j: (0,) * len(shape))
@@ -253,8 +255,8 @@ def ssm_scan(p, u, reverse=False, Q=128):
     x = jnp.pad(u, ((0, 0), (0, nC * Q - L), (0, 0))).reshape(Bsz, nC, Q, H)
     A, _, _, dt = ssm_parameters(p)
     T, S, E = chunk_matrices(p, Q, reverse)
-    parts = lambda z: jnp.stack([z.real, z.imag])
-    y = chunk_scan(x, T, parts(S), jnp.stack([E.real, -E.imag]), parts(jnp.exp((Q * dt) * A)), reverse)
+    a = jnp.exp((Q * dt) * A)  # (N,): a whole chunk
+    y = chunk_scan(x, T, S, E, jnp.stack([a.real, a.imag]), reverse)
     return y.reshape(Bsz, nC * Q, H)[:, :L]
 
 
