@@ -172,53 +172,54 @@ def ssm_chunked(p, u, reverse=False, Q=512):
 # SCAN_CHANNELS channels of one sequence through its chunks in order and keeps the state in registers:
 #   y[c] = T x[c] + Re(E h[c]),   h[c+1] = Abar^Q h[c] + S x[c]   (h[0] = 0; complex h as Re, Im).
 # Its transpose (the backward pass) is the same loop run the other way with T^T, E^T and S^T swapped and
-# conj(Abar^Q). One BiGS-large step at L=4096 on an H200: 189k -> 199k tokens/s; shorter sequences keep
-# the Toeplitz matmul, which is faster there.
-SCAN_CHANNELS = 32
+# conj(Abar^Q). The matrices are read once per program and held in registers (8 warps), not re-read
+# from memory for every chunk. It takes a BiGS-large step at L=4096 on an H100 from 175k (XLA form) to
+# 195k tokens/s; shorter sequences keep the Toeplitz matmul, which is faster there.
+SCAN_CHANNELS = 64
 
 
 def use_scan_kernel(u):
     """Where the kernel is measured to win: one GPU (XLA cannot split a kernel over a mesh, it would
-    gather the activations), bfloat16 (in float32 its matrices overflow shared memory)."""
+    gather the activations), bfloat16 (in float32 the kernel's first version overflowed shared memory)."""
     return (jax.default_backend() == "gpu" and jax.device_count() == 1 and u.dtype == jnp.bfloat16
             and u.shape[-1] % SCAN_CHANNELS == 0)
 
 
-def scan_kernel(x_ref, T_ref, Sr_ref, Si_ref, Er_ref, Ei_ref, ar_ref, ai_ref, y_ref, hr_ref, hi_ref, *, reverse):
-    """x_ref, y_ref: (nC, Q, bh) one sequence's channels; hr_ref, hi_ref: (nC, N, bh) the state before each
-    chunk (kept for the gradient); Er, Ei: the real and imaginary parts' maps, Re(E h) = Er hr + Ei hi."""
-    nC, f32 = x_ref.shape[0], jnp.float32
+def scan_kernel(x_ref, T_ref, Sr_ref, Si_ref, Er_ref, Ei_ref, ar_ref, ai_ref, y_ref, h_ref, *, reverse):
+    """x_ref, y_ref: (nC, Q, bh) one sequence's channels; h_ref: (nC, 2N, bh) the state before each chunk,
+    (Re h; Im h), kept for the gradient; Er, Ei: the real and imaginary parts' maps, Re(E h) = Er hr + Ei hi."""
+    nC, N, f32 = x_ref.shape[0], Sr_ref.shape[0], jnp.float32
+    T, Sr, Si, Er, Ei = (r[...] for r in (T_ref, Sr_ref, Si_ref, Er_ref, Ei_ref))  # read once, not per chunk
+    ar, ai = ar_ref[...], ai_ref[...]  # (N, 1): Abar^Q
 
     def chunk(k, h):
         hr, hi = h  # (N, bh) float32
         c = nC - 1 - k if reverse else k
         x = x_ref[c]  # (Q, bh)
-        hr_ref[c], hi_ref[c] = hr.astype(hr_ref.dtype), hi.astype(hi_ref.dtype)
-        dot = lambda M_ref, z: jnp.dot(M_ref[...], z.astype(x.dtype), preferred_element_type=f32)
-        y_ref[c] = (dot(T_ref, x) + dot(Er_ref, hr) + dot(Ei_ref, hi)).astype(y_ref.dtype)
-        ar, ai = ar_ref[...], ai_ref[...]  # (N, 1): Abar^Q
-        return ar * hr - ai * hi + dot(Sr_ref, x), ai * hr + ar * hi + dot(Si_ref, x)
+        h_ref[c, :N], h_ref[c, N:] = hr.astype(h_ref.dtype), hi.astype(h_ref.dtype)
+        dot = lambda M, z: jnp.dot(M, z.astype(x.dtype), preferred_element_type=f32)
+        y_ref[c] = (dot(T, x) + dot(Er, hr) + dot(Ei, hi)).astype(y_ref.dtype)
+        return ar * hr - ai * hi + dot(Sr, x), ai * hr + ar * hi + dot(Si, x)
 
-    zero = jnp.zeros(hr_ref.shape[1:], f32)
+    zero = jnp.zeros((N, x_ref.shape[2]), f32)
     jax.lax.fori_loop(0, nC, chunk, (zero, zero))
 
 
 def scan_call(x, T, S, E, a, reverse):
     """Runs scan_kernel over (sequence, block of channels). x (B, nC, Q, H); T, S, E from chunk_matrices;
-    a (2, N) = Abar^Q's (Re, Im). -> y like x, states (2, B, nC, N, H)."""
+    a (2, N) = Abar^Q's (Re, Im). -> y like x, states (B, nC, 2N, H)."""
     B, nC, Q, H = x.shape
     N, bh, dt = S.shape[1], SCAN_CHANNELS, x.dtype
     whole = lambda *shape: pl.BlockSpec(shape, lambda b, j: (0,) * len(shape))
-    xs, hs = (pl.BlockSpec((None, nC, m, bh), lambda b, j: (b, 0, 0, j)) for m in (Q, N))
+    xs, hs = (pl.BlockSpec((None, nC, m, bh), lambda b, j: (b, 0, 0, j)) for m in (Q, 2 * N))
     gpu = jax.default_backend() == "gpu"  # elsewhere the kernel is interpreted (tests on the CPU)
-    y, hr, hi = pl.pallas_call(
+    return pl.pallas_call(
         functools.partial(scan_kernel, reverse=reverse), grid=(B, H // bh),
         in_specs=[xs, whole(Q, Q), whole(N, Q), whole(N, Q), whole(Q, N), whole(Q, N), whole(N, 1), whole(N, 1)],
-        out_specs=[xs, hs, hs],
-        out_shape=[jax.ShapeDtypeStruct(x.shape, dt)] + [jax.ShapeDtypeStruct((B, nC, N, H), dt)] * 2,
-        interpret=not gpu, compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=2) if gpu else None,
+        out_specs=[xs, hs],
+        out_shape=[jax.ShapeDtypeStruct(x.shape, dt), jax.ShapeDtypeStruct((B, nC, 2 * N, H), dt)],
+        interpret=not gpu, compiler_params=pltriton.CompilerParams(num_warps=8, num_stages=1) if gpu else None,
     )(x, *(m.astype(dt) for m in (T, S[0], S[1], E[0], E[1])), *(r[:, None].astype(jnp.float32) for r in a))
-    return y, jnp.stack([hr, hi])
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
@@ -234,14 +235,16 @@ def chunk_scan_forward(x, T, S, E, a, reverse):
 def chunk_scan_backward(reverse, saved, dy):
     """dx[c] = T^T dy[c] + S^T lam[c+1],  lam[c] = conj(Abar^Q) lam[c+1] + E^T dy[c]: the kernel run the other
     way; lam (the gradient of the state after each chunk) and h give the matrices' gradients."""
-    x, T, S, E, a, h = saved
+    x, T, S, E, a, h = saved  # h, lam: (B, nC, 2N, H), real parts over imaginary
+    N = S.shape[1]
     swap = lambda M: M.transpose(0, 2, 1)
     dx, lam = scan_call(dy, T.T, swap(E), swap(S), a * jnp.array([1, -1])[:, None], not reverse)
     outer = lambda u, v: jnp.einsum("bcih,bcjh->bcij", u, v, preferred_element_type=jnp.float32).sum((0, 1))
-    dS = jnp.stack([outer(lam[0], x), outer(lam[1], x)])
-    dE = jnp.stack([outer(dy, h[0]), outer(dy, h[1])])
-    dot = lambda u, v: jnp.sum(u.astype(jnp.float32) * v.astype(jnp.float32), (0, 1, 3))  # (N,)
-    da = jnp.stack([dot(lam[0], h[0]) + dot(lam[1], h[1]), dot(lam[1], h[0]) - dot(lam[0], h[1])])
+    dS = outer(lam, x).reshape(2, N, -1)  # (2, N, Q)
+    dE = outer(dy, h).reshape(-1, 2, N).transpose(1, 0, 2)  # (2, Q, N)
+    hr, hi, lr, li = (z.astype(jnp.float32) for z in (h[:, :, :N], h[:, :, N:], lam[:, :, :N], lam[:, :, N:]))
+    dot = lambda u, v: jnp.sum(u * v, (0, 1, 3))  # (N,)
+    da = jnp.stack([dot(lr, hr) + dot(li, hi), dot(li, hr) - dot(lr, hi)])
     return dx, outer(dy, x).astype(T.dtype), dS.astype(S.dtype), dE.astype(E.dtype), da.astype(a.dtype)
 
 
