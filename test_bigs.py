@@ -174,10 +174,12 @@ def test_gpu_scan_kernel_equals_fft_form(L, Q):
             want = (ref(p64, u64),) + jax.grad(loss(ref), argnums=(0, 1))(p64, u64)
             want = jax.tree.map(np.asarray, want)
         assert max_rel(got[0], want[0]) < 1e-5
-        # log_step's gradient sums L H terms that cancel: at L=300 (64 channels) the float32 FFT, chunked
-        # and recurrent forms are 0.7, 3.3 and 2.3e-4 off float64, the kernel 3.2e-4
-        for a, b in zip(jax.tree.leaves(got[1:]), jax.tree.leaves(want[1:])):
-            assert max_rel(a, b) < 5e-4
+        # log_step's gradient is one number summing L H terms that cancel: at L=300 (64 channels) the float32
+        # FFT, chunked and recurrent forms are 0.7, 3.3 and 2.3e-4 off float64, the kernel 3.2e-4
+        grads, exact = (dict(g[1], u=g[2]) for g in (got, want))
+        for k in grads:
+            assert max_rel(grads[k], exact[k]) < (5e-4 if k == "log_step" else 1e-4), k
+
 
 def test_gelu_backward_is_the_derivative_of_gelu():
     """bigs.gelu has a hand-written backward pass (it keeps only its input): it equals autodiff of the
