@@ -239,6 +239,8 @@ def chunk_scan_backward(reverse, saved, dy):
     N = S.shape[1]
     swap = lambda M: M.transpose(0, 2, 1)
     dx, lam = scan_call(dy, T.T, swap(E), swap(S), a * jnp.array([1, -1])[:, None], not reverse)
+    # one outer product per chunk, then summed: one einsum contracting b, c and h at once was slower on
+    # the H100 (both directions' forward and backward at L=4096, 32 channels: 2.49 against 1.99 ms)
     outer = lambda u, v: jnp.einsum("bcih,bcjh->bcij", u, v, preferred_element_type=jnp.float32).sum((0, 1))
     dS = outer(lam, x).reshape(2, N, -1)  # (2, N, Q)
     dE = outer(dy, h).reshape(-1, 2, N).transpose(1, 0, 2)  # (2, Q, N)
