@@ -172,9 +172,10 @@ def ssm_chunked(p, u, reverse=False, Q=512):
 # SCAN_CHANNELS channels of one sequence through its chunks in order and keeps the state in registers:
 #   y[c] = T x[c] + Re(E h[c]),   h[c+1] = Abar^Q h[c] + S x[c]   (h[0] = 0; complex h as Re, Im).
 # Its transpose (the backward pass) is the same loop run the other way with T^T, E^T and S^T swapped and
-# conj(Abar^Q). The matrices are read once per program and held in registers (8 warps), not re-read
-# from memory for every chunk. A BiGS-large step at L=4096 on an H100 runs about 10% faster than with
-# the XLA form (README, Benchmarks); shorter sequences keep the Toeplitz matmul, faster there.
+# conj(Abar^Q). The matrices are read once per program, not re-read from memory for every chunk, and
+# each chunk's x is loaded while the one before is computed. A BiGS-large step at L=4096 on an H100
+# runs about 10% faster than with the XLA form (README, Benchmarks); shorter sequences keep the
+# Toeplitz matmul, faster there.
 SCAN_CHANNELS = 64
 
 
@@ -191,18 +192,19 @@ def scan_kernel(x_ref, T_ref, Sr_ref, Si_ref, Er_ref, Ei_ref, ar_ref, ai_ref, y_
     nC, N, f32 = x_ref.shape[0], Sr_ref.shape[0], jnp.float32
     T, Sr, Si, Er, Ei = (r[...] for r in (T_ref, Sr_ref, Si_ref, Er_ref, Ei_ref))  # read once, not per chunk
     ar, ai = ar_ref[...], ai_ref[...]  # (N, 1): Abar^Q
+    chunk_at = lambda k: jnp.clip(nC - 1 - k if reverse else k, 0, nC - 1)  # the k-th chunk visited
 
-    def chunk(k, h):
-        hr, hi = h  # (N, bh) float32
-        c = nC - 1 - k if reverse else k
-        x = x_ref[c]  # (Q, bh)
+    def chunk(k, carry):
+        hr, hi, x = carry  # (N, bh) float32, and x[c] (Q, bh), loaded one step ahead
+        c = chunk_at(k)
+        x_next = x_ref[chunk_at(k + 1)]  # issued now, used next step: its load overlaps this chunk's matmuls
         h_ref[c, :N], h_ref[c, N:] = hr.astype(h_ref.dtype), hi.astype(h_ref.dtype)
         dot = lambda M, z: jnp.dot(M, z.astype(x.dtype), preferred_element_type=f32)
         y_ref[c] = (dot(T, x) + dot(Er, hr) + dot(Ei, hi)).astype(y_ref.dtype)
-        return ar * hr - ai * hi + dot(Sr, x), ai * hr + ar * hi + dot(Si, x)
+        return ar * hr - ai * hi + dot(Sr, x), ai * hr + ar * hi + dot(Si, x), x_next
 
     zero = jnp.zeros((N, x_ref.shape[2]), f32)
-    jax.lax.fori_loop(0, nC, chunk, (zero, zero))
+    jax.lax.fori_loop(0, nC, chunk, (zero, zero, x_ref[chunk_at(0)]))
 
 
 def scan_call(x, T, S, E, a, reverse):
@@ -218,7 +220,7 @@ def scan_call(x, T, S, E, a, reverse):
         in_specs=[xs, whole(Q, Q), whole(N, Q), whole(N, Q), whole(Q, N), whole(Q, N), whole(N, 1), whole(N, 1)],
         out_specs=[xs, hs],
         out_shape=[jax.ShapeDtypeStruct(x.shape, dt), jax.ShapeDtypeStruct((B, nC, 2 * N, H), dt)],
-        interpret=not gpu, compiler_params=pltriton.CompilerParams(num_warps=8, num_stages=1) if gpu else None,
+        interpret=not gpu, compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=1) if gpu else None,
     )(x, *(m.astype(dt) for m in (T, S[0], S[1], E[0], E[1])), *(r[:, None].astype(jnp.float32) for r in a))
 
 
