@@ -88,16 +88,17 @@ def ssm_kernel(p, L):
 
 
 def causal_conv(u, K):
-    """y[t] = sum_{s<=t} K[t-s] u[s] along axis 1 of u (B, L, H), by FFTs of length 2L (no wrap-around)."""
-    L = u.shape[1]
-    y = jnp.fft.irfft(jnp.fft.rfft(u, n=2 * L, axis=1) * jnp.fft.rfft(K, n=2 * L)[:, None], n=2 * L, axis=1)
-    return y[:, :L]
+    """y[t] = sum_{s<=t} K[t-s] u[s] along the time axis of u (L, B, H), by FFTs of length 2L (no wrap-around)."""
+    L = u.shape[0]
+    y = jnp.fft.irfft(jnp.fft.rfft(u, n=2 * L, axis=0) * jnp.fft.rfft(K, n=2 * L)[:, None, None], n=2 * L, axis=0)
+    return y[:L]
 
 
 def ssm(p, u):
-    """The SSM as a convolution: y = K * u + D u.  u, y: (B, L, H), float32 or wider (jnp.fft rejects bfloat16)."""
+    """The SSM as a convolution: y = K * u + D u.  u, y: (L, B, H), time first (as every SSM function here and
+    the layers take them), float32 or wider (jnp.fft rejects bfloat16)."""
     u = u.astype(jnp.promote_types(u.dtype, jnp.float32))
-    return causal_conv(u, ssm_kernel(p, u.shape[1])) + p["D"] * u
+    return causal_conv(u, ssm_kernel(p, u.shape[0])) + p["D"] * u
 
 
 def toeplitz(k):
@@ -133,26 +134,28 @@ def ssm_chunked(p, u, reverse=False, Q=512):
                        g[c'] = sum_j Abar^(Q-j) u[c',j].
     reverse=True runs the SSM from the end of the sequence (= flip(ssm(flip(u))), without the flips):
     the Toeplitz matrix is transposed, the state comes from later chunks, and i and j count from the
-    chunk's other end. u: (B, L, H); every power of Abar here is <= 1 in modulus, so nothing grows.
+    chunk's other end. u: (L, B, H); every power of Abar here is <= 1 in modulus, so nothing grows.
+    Time comes first so that each matmul contracts u's leading axis: all sequences and channels are the
+    columns of one GEMM, (Q, Q) x (Q, B H), with no transposes and no per-sequence copies of T.
     The matmuls run in u's dtype (bfloat16 in mixed precision; their gradients then do too).
     On one GPU in bfloat16, sequences longer than 2Q go to `ssm_scan`, the same sum as one kernel."""
-    Bsz, L, H = u.shape
+    L, Bsz, H = u.shape
     if L > 2 * Q and use_scan_kernel(u):
         return ssm_scan(p, u, reverse)
     Q = L if L <= 2 * Q else Q  # up to 2Q tokens one Toeplitz matmul is faster than carrying the state (H100)
     nC = -(-L // Q)
-    x = jnp.pad(u, ((0, 0), (0, nC * Q - L), (0, 0))).reshape(Bsz * nC, Q, H)  # one row per chunk
+    x = jnp.pad(u, ((0, nC * Q - L), (0, 0), (0, 0))).reshape(nC, Q, Bsz * H)  # chunk c: x[c] (Q, B H)
 
-    def matmul(M, x):  # M (m, k) times each chunk's x (k, H) -> (B nC, m, H). M is copied once per chunk:
-        M = jnp.broadcast_to(M.astype(u.dtype), x.shape[:1] + M.shape)  # a batched matmul needs no transpose,
-        return jnp.einsum("bmk,bkh->bmh", M, x)  # one M contracted with x's middle axis transposes all of x
+    def matmul(M, x):  # M (m, k) times each chunk's x (k, B H) -> (nC, m, B H); M is copied once per chunk,
+        M = jnp.broadcast_to(M.astype(u.dtype), x.shape[:1] + M.shape)  # so that XLA runs a batched matmul
+        return jnp.einsum("cmk,ckn->cmn", M, x)  # rather than transposing x to put the chunks among the columns
 
     T, S, E = chunk_matrices(p, Q, reverse)
-    y = matmul(T, x)  # (B nC, Q, H)
+    y = matmul(T, x)  # (nC, Q, B H)
     if nC > 1:  # the matmuls over the N modes run on stacked real and imaginary parts (2N rows)
         A, _, _, dt = ssm_parameters(p)
         N = A.shape[0]
-        g = matmul(S.reshape(2 * N, Q), x)  # (B nC, 2N, H)
+        g = matmul(S.reshape(2 * N, Q), x)  # (nC, 2N, B H)
         c = jnp.arange(nC)
         d = (c[None, :] - 1 - c[:, None]) if reverse else (c[:, None] - 1 - c[None, :])  # whole chunks between
         M = jnp.where((d >= 0)[..., None], jnp.exp((jnp.maximum(d, 0)[..., None] * Q * dt) * A), 0)  # (nC, nC, N)
@@ -161,10 +164,10 @@ def ssm_chunked(p, u, reverse=False, Q=512):
         diag = lambda m: m[..., None] * jnp.eye(N)  # (nC, nC, N, N)
         R = jnp.block([[diag(M.real), diag(-M.imag)], [diag(M.imag), diag(M.real)]])  # (nC, nC, 2N, 2N)
         R = R.transpose(0, 2, 1, 3).reshape(nC * 2 * N, nC * 2 * N)
-        h = matmul(R, g.reshape(Bsz, nC * 2 * N, H)).reshape(Bsz * nC, 2 * N, H)  # (Re h, Im h)
+        h = jnp.dot(R.astype(u.dtype), g.reshape(nC * 2 * N, -1)).reshape(nC, 2 * N, -1)  # (Re h, Im h)
         E = E.transpose(1, 0, 2).reshape(Q, 2 * N)  # (Q, 2N)
         y = y.astype(jnp.float32) + matmul(E, h).astype(jnp.float32)  # + Re(E h)
-    return y.reshape(Bsz, nC * Q, H)[:, :L].astype(u.dtype)
+    return y.reshape(nC * Q, Bsz, H)[:L].astype(u.dtype)
 
 
 # The chunked form as one GPU kernel (Pallas, compiled by Triton). XLA runs ssm_chunked's state as
@@ -208,18 +211,18 @@ def scan_kernel(x_ref, T_ref, Sr_ref, Si_ref, Er_ref, Ei_ref, ar_ref, ai_ref, y_
 
 
 def scan_call(x, T, S, E, a, reverse):
-    """Runs scan_kernel over (sequence, block of channels). x (B, nC, Q, H); T, S, E from chunk_matrices;
-    a (2, N) = Abar^Q's (Re, Im). -> y like x, states (B, nC, 2N, H)."""
-    B, nC, Q, H = x.shape
+    """Runs scan_kernel over (sequence, block of channels). x (nC, Q, B, H); T, S, E from chunk_matrices;
+    a (2, N) = Abar^Q's (Re, Im). -> y like x, states (nC, 2N, B, H)."""
+    nC, Q, B, H = x.shape
     N, bh, dt = S.shape[1], SCAN_CHANNELS, x.dtype
     whole = lambda *shape: pl.BlockSpec(shape, lambda b, j: (0,) * len(shape))
-    xs, hs = (pl.BlockSpec((None, nC, m, bh), lambda b, j: (b, 0, 0, j)) for m in (Q, 2 * N))
+    xs, hs = (pl.BlockSpec((nC, m, None, bh), lambda b, j: (0, 0, b, j)) for m in (Q, 2 * N))
     gpu = jax.default_backend() == "gpu"  # elsewhere the kernel is interpreted (tests on the CPU)
     return pl.pallas_call(
         functools.partial(scan_kernel, reverse=reverse), grid=(B, H // bh),
         in_specs=[xs, whole(Q, Q), whole(N, Q), whole(N, Q), whole(Q, N), whole(Q, N), whole(N, 1), whole(N, 1)],
         out_specs=[xs, hs],
-        out_shape=[jax.ShapeDtypeStruct(x.shape, dt), jax.ShapeDtypeStruct((B, nC, 2 * N, H), dt)],
+        out_shape=[jax.ShapeDtypeStruct(x.shape, dt), jax.ShapeDtypeStruct((nC, 2 * N, B, H), dt)],
         interpret=not gpu, compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=1) if gpu else None,
     )(x, *(m.astype(dt) for m in (T, S[0], S[1], E[0], E[1])), *(r[:, None].astype(jnp.float32) for r in a))
 
@@ -237,17 +240,16 @@ def chunk_scan_forward(x, T, S, E, a, reverse):
 def chunk_scan_backward(reverse, saved, dy):
     """dx[c] = T^T dy[c] + S^T lam[c+1],  lam[c] = conj(Abar^Q) lam[c+1] + E^T dy[c]: the kernel run the other
     way; lam (the gradient of the state after each chunk) and h give the matrices' gradients."""
-    x, T, S, E, a, h = saved  # h, lam: (B, nC, 2N, H), real parts over imaginary
+    x, T, S, E, a, h = saved  # h, lam: (nC, 2N, B, H), real parts over imaginary
     N = S.shape[1]
     swap = lambda M: M.transpose(0, 2, 1)
     dx, lam = scan_call(dy, T.T, swap(E), swap(S), a * jnp.array([1, -1])[:, None], not reverse)
-    # one outer product per chunk, then summed: one einsum contracting b, c and h at once was slower on
-    # the H100 (both directions' forward and backward at L=4096, 32 channels: 2.49 against 1.99 ms)
-    outer = lambda u, v: jnp.einsum("bcih,bcjh->bcij", u, v, preferred_element_type=jnp.float32).sum((0, 1))
+    # one matmul per chunk over all sequences and channels (B H), then summed over the chunks
+    outer = lambda u, v: jnp.einsum("cibh,cjbh->cij", u, v, preferred_element_type=jnp.float32).sum(0)
     dS = outer(lam, x).reshape(2, N, -1)  # (2, N, Q)
     dE = outer(dy, h).reshape(-1, 2, N).transpose(1, 0, 2)  # (2, Q, N)
-    hr, hi, lr, li = (z.astype(jnp.float32) for z in (h[:, :, :N], h[:, :, N:], lam[:, :, :N], lam[:, :, N:]))
-    dot = lambda u, v: jnp.sum(u * v, (0, 1, 3))  # (N,)
+    hr, hi, lr, li = (z.astype(jnp.float32) for z in (h[:, :N], h[:, N:], lam[:, :N], lam[:, N:]))
+    dot = lambda u, v: jnp.sum(u * v, (0, 2, 3))  # (N,)
     da = jnp.stack([dot(lr, hr) + dot(li, hi), dot(li, hr) - dot(lr, hi)])
     return dx, outer(dy, x).astype(T.dtype), dS.astype(S.dtype), dE.astype(E.dtype), da.astype(a.dtype)
 
@@ -256,19 +258,19 @@ chunk_scan.defvjp(chunk_scan_forward, chunk_scan_backward)
 
 
 def ssm_scan(p, u, reverse=False, Q=128):
-    """ssm_chunked's sum by the kernel above.  u, y: (B, L, H), H a multiple of SCAN_CHANNELS."""
-    Bsz, L, H = u.shape
+    """ssm_chunked's sum by the kernel above.  u, y: (L, B, H), H a multiple of SCAN_CHANNELS."""
+    L, Bsz, H = u.shape
     nC = -(-L // Q)
-    x = jnp.pad(u, ((0, 0), (0, nC * Q - L), (0, 0))).reshape(Bsz, nC, Q, H)
+    x = jnp.pad(u, ((0, nC * Q - L), (0, 0), (0, 0))).reshape(nC, Q, Bsz, H)
     A, _, _, dt = ssm_parameters(p)
     T, S, E = chunk_matrices(p, Q, reverse)
     a = jnp.exp((Q * dt) * A)  # (N,): a whole chunk
     y = chunk_scan(x, T, S, E, jnp.stack([a.real, a.imag]), reverse)
-    return y.reshape(Bsz, nC * Q, H)[:, :L]
+    return y.reshape(nC * Q, Bsz, H)[:L]
 
 
 def ssm_recurrent(p, u):
-    """The same SSM step by step: x_k = Abar x_{k-1} + Bbar u_k, y_k = Re(C x_k) + D u_k.  u, y: (B, L, H)."""
+    """The same SSM step by step: x_k = Abar x_{k-1} + Bbar u_k, y_k = Re(C x_k) + D u_k.  u, y: (L, B, H)."""
     A, Bbar, C, dt = ssm_parameters(p)
     Abar = jnp.exp(dt * A)  # (N,)
 
@@ -276,8 +278,8 @@ def ssm_recurrent(p, u):
         x = Abar * x + Bbar * u_k[..., None]
         return x, (x @ C).real + p["D"] * u_k
 
-    x0 = jnp.zeros(u.shape[:1] + u.shape[2:] + Abar.shape, jnp.complex64)
-    return jax.lax.scan(step, x0, jnp.swapaxes(u, 0, 1))[1].swapaxes(0, 1)
+    x0 = jnp.zeros(u.shape[1:] + Abar.shape, jnp.complex64)
+    return jax.lax.scan(step, x0, u)[1]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -314,7 +316,7 @@ gelu.defvjp(gelu_forward, gelu_backward)
 
 
 def bigs_layer(p, x, mask, config):
-    """One BiGS layer, pre-norm: x + O(LayerNorm(x)).  x: (B, L, H); mask: (B, L, 1) of 0/1, or None.
+    """One BiGS layer, pre-norm: x + O(LayerNorm(x)).  x: (L, B, H), time first; mask: (L, B, 1) of 0/1, or None.
     The paper's B = gelu(W_b Flip(X)) and U_B = Flip(W_ub SSM_b(B)): since W_b and W_ub act on each token
     alone they commute with Flip, so B is computed in reading order and SSM_b runs backwards (reverse=True).
     That makes V, F and B one matmul, and saves four passes over the activations."""
@@ -322,13 +324,13 @@ def bigs_layer(p, x, mask, config):
     I, H = config.intermediate_size, config.hidden_size
     X = layer_norm(p["norm"], x, config.layer_norm_eps)
     W = {k: jnp.concatenate([p[w][k] for w in ("W_v", "W_f", "W_b")], -1) for k in ("kernel", "bias")}
-    V, F, B = jnp.split(gelu(dense(W, X, dt)), [I, I + H], axis=-1)  # (B, L, I), (B, L, H), (B, L, H)
+    V, F, B = jnp.split(gelu(dense(W, X, dt)), [I, I + H], axis=-1)  # (L, B, I), (L, B, H), (L, B, H)
     if mask is not None:  # pads feed nothing into either SSM
         F, B = F * mask.astype(dt), B * mask.astype(dt)
-    U_F = dense(p["W_uf"], ssm_chunked(p["ssm_f"], F), dt)  # (B, L, H)  the forward SSM
-    U_B = dense(p["W_ub"], ssm_chunked(p["ssm_b"], B, reverse=True), dt)  # (B, L, H)  the backward SSM
-    U = gelu(dense(p["W_l"], U_F * U_B, dt))  # (B, L, I)  multiplicative gating of the two directions
-    O = dense(p["W_o"], U * V, dt)  # (B, L, H)
+    U_F = dense(p["W_uf"], ssm_chunked(p["ssm_f"], F), dt)  # (L, B, H)  the forward SSM
+    U_B = dense(p["W_ub"], ssm_chunked(p["ssm_b"], B, reverse=True), dt)  # (L, B, H)  the backward SSM
+    U = gelu(dense(p["W_l"], U_F * U_B, dt))  # (L, B, I)  multiplicative gating of the two directions
+    O = dense(p["W_o"], U * V, dt)  # (L, B, H)
     return x + O.astype(jnp.float32)
 
 
@@ -345,25 +347,28 @@ def dropout(x, rate, rng):
 
 
 def embed(p, config, input_ids, token_type_ids, rng):
-    """Word + learned absolute position + token type, LayerNorm, dropout.  (B, L) -> (B, L, H)."""
-    positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)  # (B, L), looked up per token:
-    # one (L, H) slice added to every sequence would have a gradient summed over the batch, for which XLA stores
-    # the whole residual stream batch-minor on GPUs (a transpose per layer; 4-5% of the step at L=128 and 512).
+    """Word + learned absolute position + token type, LayerNorm, dropout.  Time first: (L, B) -> (L, B, H)."""
+    positions = jnp.broadcast_to(jnp.arange(input_ids.shape[0])[:, None], input_ids.shape)  # (L, B), looked up
+    # per token: one (L, H) slice added to every sequence would have a gradient summed over the batch, for which
+    # XLA stores the residual stream with the batch minor on GPUs (a transpose per layer; 4-5% of the step).
     x = p["word"][input_ids] + p["token_type"][token_type_ids] + p["position"][positions]
     return dropout(layer_norm(p["norm"], x, config.layer_norm_eps), config.hidden_dropout_prob, rng)
 
 
 def encode(params, config, input_ids, attention_mask=None, token_type_ids=None, rng=None):
-    """Embeddings, then the stack of BiGS layers (parameters stacked on a leading layer axis).  -> (B, L, H)."""
+    """Embeddings, then the stack of BiGS layers (parameters stacked on a leading layer axis).
+    input_ids, attention_mask, token_type_ids: (B, L) -> hidden states (L, B, H), time first as the layers
+    compute them (see ssm_chunked): the ids are transposed here, not the activations, since a transpose of
+    the activations at either end makes XLA store the whole residual stream batch-first, a transpose per layer."""
     L = input_ids.shape[-1]
     if not 1 <= L <= config.max_position_embeddings:
         raise ValueError(f"sequence length {L} is outside 1..max_position_embeddings={config.max_position_embeddings}")
     if token_type_ids is None:
         token_type_ids = jnp.zeros_like(input_ids)
-    x = embed(params["embeddings"], config, input_ids, token_type_ids, rng)
+    x = embed(params["embeddings"], config, input_ids.T, token_type_ids.T, rng)  # (L, B, H)
     mask = None
     if config.mask_padding and attention_mask is not None:
-        mask = attention_mask[..., None].astype(jnp.float32)
+        mask = attention_mask.T[..., None].astype(jnp.float32)  # (L, B, 1)
     layer = jax.checkpoint(bigs_layer, static_argnums=3) if config.remat else bigs_layer
     for p in unstack(params["layers"], config.num_hidden_layers):  # a Python loop, not lax.scan: XLA then
         x = layer(p, x, mask, config)  # fuses and schedules across layers, which is faster
@@ -378,21 +383,23 @@ def unstack(tree, n):
 
 
 def pool(p, config, h, attention_mask):
-    """tanh(dense(mean of the hidden states)), over the real tokens ('non_padding_mean') or all ('mean')."""
+    """tanh(dense(mean of the hidden states h (L, B, H))), over the real tokens ('non_padding_mean') or all ('mean')."""
     if config.pooler_type == "mean" or attention_mask is None:
-        mean = h.mean(axis=1)
+        mean = h.mean(axis=0)
     else:
-        m = attention_mask[..., None].astype(h.dtype)
-        mean = (h * m).sum(axis=1) / m.sum(axis=1)
+        m = attention_mask.T[..., None].astype(h.dtype)
+        mean = (h * m).sum(axis=0) / m.sum(axis=0)
     return jnp.tanh(dense(p, mean, jnp.float32))
 
 
 def mlm_head(params, config, h, masked_positions=None):
-    """Masked-LM logits (B, L, V), or (B, M, V) at masked_positions (B, M) only: dense, exact GELU,
-    LayerNorm, then the decoder (tied: the word embeddings transposed) and a bias."""
+    """Masked-LM logits (B, L, V), or (B, M, V) at masked_positions (B, M) only, from h (L, B, H): dense,
+    exact GELU, LayerNorm, then the decoder (tied: the word embeddings transposed) and a bias."""
     p = params["mlm"]
-    if masked_positions is not None:
-        h = jnp.take_along_axis(h, masked_positions[..., None], axis=1)  # (B, M, H)
+    if masked_positions is None:
+        h = h.swapaxes(0, 1)  # (B, L, H)
+    else:
+        h = h[masked_positions, jnp.arange(h.shape[1])[:, None]]  # (B, M, H)
     dt = jnp.dtype(config.dtype)
     t = layer_norm(p["norm"], jax.nn.gelu(dense(p["dense"], h, dt), approximate=False), config.layer_norm_eps)
     W = params["embeddings"]["word"].T if config.tie_word_embeddings else p["decoder"]  # (H, V)
@@ -424,9 +431,10 @@ def forward(params, config, input_ids, attention_mask=None, token_type_ids=None,
     if head == "mlm":
         return mlm_head(params, config, h, masked_positions)
     if head == "token_classification":
-        return dense(params["classifier"], dropout(h, config.hidden_dropout_prob, rng_head), jnp.float32)
+        h = dropout(h, config.hidden_dropout_prob, rng_head)
+        return dense(params["classifier"], h, jnp.float32).swapaxes(0, 1)  # (B, L, num_labels)
     if head == "question_answering":
-        logits = dense(params["qa_outputs"], h, jnp.float32)  # (B, L, 2)
+        logits = dense(params["qa_outputs"], h, jnp.float32).swapaxes(0, 1)  # (B, L, 2)
         return logits[..., 0], logits[..., 1]
     pooled = pool(params["pooler"], config, h, attention_mask)  # (B, H)
     if head == "multiple_choice":

@@ -58,14 +58,15 @@ def test_equals_official(case, head_dir, head, key):
 def test_each_layer_equals_official():
     config, params = official("mlm")
     hs = IO["mlm_hidden_states"]  # (layers + 1, B, L, H)
-    x = bigs.embed(params["embeddings"], config, IO["input_ids"], IO["token_type_ids"], rng=None)
-    assert max_rel(x, hs[0]) < 2e-5
+    x = bigs.embed(params["embeddings"], config, IO["input_ids"].T, IO["token_type_ids"].T, rng=None)
+    assert max_rel(x, hs[0].swapaxes(0, 1)) < 2e-5  # time first: (L, B, H)
     for i in range(config.num_hidden_layers):
         layer = jax.tree.map(lambda a: a[i], params["layers"])
-        assert max_rel(bigs.bigs_layer(layer, hs[i], None, config), hs[i + 1]) < 2e-5
+        x = bigs.bigs_layer(layer, hs[i].swapaxes(0, 1), None, config)  # layers take (L, B, H)
+        assert max_rel(x, hs[i + 1].swapaxes(0, 1)) < 2e-5
     config, params = official("cls")
     h = bigs.encode(params, config, IO["input_ids"], IO["attention_mask"], IO["token_type_ids"])
-    assert max_rel(h, IO["cls_last_hidden_state"]) < 2e-5
+    assert max_rel(h.swapaxes(0, 1), IO["cls_last_hidden_state"]) < 2e-5
     assert max_rel(bigs.pool(params["pooler"], config, h, IO["attention_mask"]), IO["cls_pooler_output"]) < 2e-5
 
 
@@ -127,13 +128,13 @@ def test_kernel_clips_the_real_part():
 @pytest.mark.parametrize("L", [1, 7, 64, 300])
 def test_convolution_equals_recurrence_and_direct_sum(L):
     p = random_ssm(jax.random.key(L))
-    u = jax.random.normal(jax.random.key(100 + L), (2, L, 3))
+    u = jax.random.normal(jax.random.key(100 + L), (L, 2, 3))  # (L, B, H): time first
     conv = np.asarray(bigs.ssm(p, u))
     rec = np.asarray(bigs.ssm_recurrent(p, u))
     assert max_rel(conv, rec) < 1e-5
     K = np.float64(bigs.ssm_kernel(p, L))
     u64 = np.float64(u)
-    direct = np.stack([np.stack([np.convolve(u64[b, :, h], K)[:L] for h in range(3)], -1) for b in range(2)])
+    direct = np.stack([np.stack([np.convolve(u64[:, b, h], K)[:L] for h in range(3)], -1) for b in range(2)], 1)
     direct += np.float64(p["D"]) * u64
     assert max_rel(conv, direct) < 1e-5
 
@@ -143,9 +144,9 @@ def test_chunked_matmul_form_equals_fft_form(L, Q):
     """The layers use ssm_chunked (matmuls: fast on GPUs and TPUs); ssm (FFT) is the reference. The
     backward SSM is the forward one on the reversed sequence."""
     p = random_ssm(jax.random.key(L), N=16, log_step=-3.0)
-    u = jax.random.normal(jax.random.key(7 + L), (2, L, 8))
+    u = jax.random.normal(jax.random.key(7 + L), (L, 2, 8))
     assert max_rel(bigs.ssm_chunked(p, u, Q=Q), bigs.ssm(p, u)) < 1e-5
-    flip = lambda a: jnp.flip(a, axis=1)
+    flip = lambda a: jnp.flip(a, axis=0)
     assert max_rel(bigs.ssm_chunked(p, u, reverse=True, Q=Q), flip(bigs.ssm(p, flip(u)))) < 1e-5
     # and so are their gradients, with respect to the SSM's parameters and to u (training uses these)
     w = jax.random.normal(jax.random.key(8), u.shape)
@@ -161,9 +162,9 @@ def test_gpu_scan_kernel_equals_fft_form(L, Q):
     same kernel run the other way. Here it runs interpreted on the CPU: values and gradients equal the
     FFT form computed in float64, in both directions."""
     p = random_ssm(jax.random.key(L), N=16, log_step=-3.0)
-    u = jax.random.normal(jax.random.key(7 + L), (2, L, bigs.SCAN_CHANNELS))
+    u = jax.random.normal(jax.random.key(7 + L), (L, 2, bigs.SCAN_CHANNELS))
     w = jax.random.normal(jax.random.key(8), u.shape)
-    flip = lambda a: jnp.flip(a, axis=1)
+    flip = lambda a: jnp.flip(a, axis=0)
     loss = lambda f: lambda p, u: jnp.sum(f(p, u) * w.astype(u.dtype))
     for reverse in (False, True):
         scan = lambda p, u: bigs.ssm_scan(p, u, reverse, Q)
