@@ -189,10 +189,11 @@ def use_scan_kernel(u):
             and u.shape[-1] % SCAN_CHANNELS == 0)
 
 
-def scan_kernel(x_ref, T_ref, Sr_ref, Si_ref, Er_ref, Ei_ref, ar_ref, ai_ref, y_ref, h_ref, *, reverse):
-    """x_ref, y_ref: (nC, Q, bh) one sequence's channels; h_ref: (nC, 2N, bh) the state before each chunk,
-    (Re h; Im h), kept for the gradient; Er, Ei: the real and imaginary parts' maps, Re(E h) = Er hr + Ei hi."""
-    nC, N, f32 = x_ref.shape[0], Sr_ref.shape[0], jnp.float32
+def scan_kernel(x_ref, T_ref, Sr_ref, Si_ref, Er_ref, Ei_ref, ar_ref, ai_ref, y_ref, xh_ref, *, reverse):
+    """x_ref, y_ref: (nC, Q, bh) one sequence's channels; xh_ref: (nC, Q + 2N, bh) each chunk's x over the
+    state before it (Re h; Im h), kept for the gradients; Er, Ei: the real and imaginary parts' maps,
+    Re(E h) = Er hr + Ei hi."""
+    nC, Q, N, f32 = x_ref.shape[0], x_ref.shape[1], Sr_ref.shape[0], jnp.float32
     T, Sr, Si, Er, Ei = (r[...] for r in (T_ref, Sr_ref, Si_ref, Er_ref, Ei_ref))  # read once, not per chunk
     ar, ai = ar_ref[...], ai_ref[...]  # (N, 1): Abar^Q
     chunk_at = lambda k: jnp.clip(nC - 1 - k if reverse else k, 0, nC - 1)  # the k-th chunk visited
@@ -201,7 +202,7 @@ def scan_kernel(x_ref, T_ref, Sr_ref, Si_ref, Er_ref, Ei_ref, ar_ref, ai_ref, y_
         hr, hi, x = carry  # (N, bh) float32, and x[c] (Q, bh), loaded one step ahead
         c = chunk_at(k)
         x_next = x_ref[chunk_at(k + 1)]  # issued now, used next step: its load overlaps this chunk's matmuls
-        h_ref[c, :N], h_ref[c, N:] = hr.astype(h_ref.dtype), hi.astype(h_ref.dtype)
+        xh_ref[c, :Q], xh_ref[c, Q:Q + N], xh_ref[c, Q + N:] = x, hr.astype(x.dtype), hi.astype(x.dtype)
         dot = lambda M, z: jnp.dot(M, z.astype(x.dtype), preferred_element_type=f32)
         y_ref[c] = (dot(T, x) + dot(Er, hr) + dot(Ei, hi)).astype(y_ref.dtype)
         return ar * hr - ai * hi + dot(Sr, x), ai * hr + ar * hi + dot(Si, x), x_next
@@ -212,17 +213,17 @@ def scan_kernel(x_ref, T_ref, Sr_ref, Si_ref, Er_ref, Ei_ref, ar_ref, ai_ref, y_
 
 def scan_call(x, T, S, E, a, reverse):
     """Runs scan_kernel over (sequence, block of channels). x (nC, Q, B, H); T, S, E from chunk_matrices;
-    a (2, N) = Abar^Q's (Re, Im). -> y like x, states (nC, 2N, B, H)."""
+    a (2, N) = Abar^Q's (Re, Im). -> y like x, and x over the states, (nC, Q + 2N, B, H)."""
     nC, Q, B, H = x.shape
     N, bh, dt = S.shape[1], SCAN_CHANNELS, x.dtype
     whole = lambda *shape: pl.BlockSpec(shape, lambda b, j: (0,) * len(shape))
-    xs, hs = (pl.BlockSpec((nC, m, None, bh), lambda b, j: (0, 0, b, j)) for m in (Q, 2 * N))
+    xs, xhs = (pl.BlockSpec((nC, m, None, bh), lambda b, j: (0, 0, b, j)) for m in (Q, Q + 2 * N))
     gpu = jax.default_backend() == "gpu"  # elsewhere the kernel is interpreted (tests on the CPU)
     return pl.pallas_call(
         functools.partial(scan_kernel, reverse=reverse), grid=(B, H // bh),
         in_specs=[xs, whole(Q, Q), whole(N, Q), whole(N, Q), whole(Q, N), whole(Q, N), whole(N, 1), whole(N, 1)],
-        out_specs=[xs, hs],
-        out_shape=[jax.ShapeDtypeStruct(x.shape, dt), jax.ShapeDtypeStruct((nC, 2 * N, B, H), dt)],
+        out_specs=[xs, xhs],
+        out_shape=[jax.ShapeDtypeStruct(x.shape, dt), jax.ShapeDtypeStruct((nC, Q + 2 * N, B, H), dt)],
         interpret=not gpu, compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=1) if gpu else None,
     )(x, *(m.astype(dt) for m in (T, S[0], S[1], E[0], E[1])), *(r[:, None].astype(jnp.float32) for r in a))
 
@@ -233,25 +234,27 @@ def chunk_scan(x, T, S, E, a, reverse):
 
 
 def chunk_scan_forward(x, T, S, E, a, reverse):
-    y, h = scan_call(x, T, S, E, a, reverse)
-    return y, (x, T, S, E, a, h)
+    y, xh = scan_call(x, T, S, E, a, reverse)
+    return y, (T, S, E, a, xh)
 
 
 def chunk_scan_backward(reverse, saved, dy):
     """dx[c] = T^T dy[c] + S^T lam[c+1],  lam[c] = conj(Abar^Q) lam[c+1] + E^T dy[c]: the kernel run the other
-    way; lam (the gradient of the state after each chunk) and h give the matrices' gradients."""
-    x, T, S, E, a, h = saved  # h, lam: (nC, 2N, B, H), real parts over imaginary
-    N = S.shape[1]
+    way. With lam (the gradient of the state after each chunk) stacked under dy as the kernel writes them,
+    every gradient of the matrices is a block of one Gram matrix,  G = sum_c [dy; lam][c] [x; h][c]^T:
+    dT = sum dy x^T,  dE = sum dy h^T,  dS = sum lam x^T,  and da from the diagonals of sum lam h^T
+    (da = sum conj(h) lam, per mode). One pass over the four arrays instead of one per product."""
+    T, S, E, a, xh = saved  # xh, dyl: (nC, Q + 2N, B, H), the states as real parts over imaginary
+    Q, N = T.shape[0], S.shape[1]
     swap = lambda M: M.transpose(0, 2, 1)
-    dx, lam = scan_call(dy, T.T, swap(E), swap(S), a * jnp.array([1, -1])[:, None], not reverse)
+    dx, dyl = scan_call(dy, T.T, swap(E), swap(S), a * jnp.array([1, -1])[:, None], not reverse)
     # one matmul per chunk over all sequences and channels (B H), then summed over the chunks
-    outer = lambda u, v: jnp.einsum("cibh,cjbh->cij", u, v, preferred_element_type=jnp.float32).sum(0)
-    dS = outer(lam, x).reshape(2, N, -1)  # (2, N, Q)
-    dE = outer(dy, h).reshape(-1, 2, N).transpose(1, 0, 2)  # (2, Q, N)
-    hr, hi, lr, li = (z.astype(jnp.float32) for z in (h[:, :N], h[:, N:], lam[:, :N], lam[:, N:]))
-    dot = lambda u, v: jnp.sum(u * v, (0, 2, 3))  # (N,)
-    da = jnp.stack([dot(lr, hr) + dot(li, hi), dot(li, hr) - dot(lr, hi)])
-    return dx, outer(dy, x).astype(T.dtype), dS.astype(S.dtype), dE.astype(E.dtype), da.astype(a.dtype)
+    G = jnp.einsum("cibh,cjbh->cij", dyl, xh, preferred_element_type=jnp.float32).sum(0)  # (Q + 2N, Q + 2N)
+    dS = G[Q:, :Q].reshape(2, N, Q)
+    dE = G[:Q, Q:].reshape(Q, 2, N).transpose(1, 0, 2)
+    d = jnp.diagonal(G[Q:, Q:].reshape(2, N, 2, N), axis1=1, axis2=3)  # (2, 2, N): d[p, q] = sum lam_p h_q
+    da = jnp.stack([d[0, 0] + d[1, 1], d[1, 0] - d[0, 1]])  # (Re, Im) = (lr hr + li hi, li hr - lr hi)
+    return dx, G[:Q, :Q].astype(T.dtype), dS.astype(S.dtype), dE.astype(E.dtype), da.astype(a.dtype)
 
 
 chunk_scan.defvjp(chunk_scan_forward, chunk_scan_backward)
