@@ -196,6 +196,38 @@ def test_gelu_backward_is_the_derivative_of_gelu():
     assert half.dtype == jnp.bfloat16 and 1e-5 < max_rel(half, mine) < 1e-2
 
 
+def test_pre_norm_backward_equals_autodiff():
+    """bigs.pre_norm returns (x, LayerNorm(x)) with a hand-written backward pass that adds the residual's
+    gradient to LayerNorm's. Its XLA form and its GPU kernel (interpreted here, over 600 rows: the last of
+    5 blocks of 128 is part padding) equal autodiff of the textbook LayerNorm in float64."""
+    H, eps = 128, 1e-12
+    key = lambda i: jax.random.key(i)
+    x = 2 + 3 * jax.random.normal(key(0), (300, 2, H))  # rows far from mean 0 and variance 1
+    p = {"scale": 1 + 0.3 * jax.random.normal(key(1), (H,)), "bias": 0.3 * jax.random.normal(key(2), (H,))}
+    dres, g = jax.random.normal(key(3), x.shape), jax.random.normal(key(4), x.shape)
+    with jax.enable_x64(True):
+        def textbook(p, x):
+            mean, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+            return x, (x - mean) / jnp.sqrt(var + eps) * p["scale"] + p["bias"]
+        p64, x64, dres64, g64 = jax.tree.map(lambda a: jnp.asarray(np.float64(a)), (p, x, dres, g))
+        want_out, vjp64 = jax.vjp(textbook, p64, x64)
+        want_out, want = jax.tree.map(np.asarray, (want_out[1], vjp64((dres64, g64))))
+    out, vjp = jax.vjp(lambda p, x: bigs.pre_norm(p, x, eps, jnp.float32), p, x)
+    assert out[0] is x and max_rel(out[1], want_out) < 1e-6
+    rows = lambda a: a.reshape(-1, H)
+    dx, dscale, dbias = bigs.norm_call(rows(x), rows(g), rows(dres), p["scale"], eps)
+    for got in (vjp((dres, g)), ({"scale": dscale, "bias": dbias}, dx.reshape(x.shape))):
+        for name, a, b in (("dx", got[1], want[1]), ("dscale", got[0]["scale"], want[0]["scale"]),
+                           ("dbias", got[0]["bias"], want[0]["bias"])):
+            assert max_rel(a, b) < 1e-5, name
+    # mixed precision: the output is bfloat16, so is its gradient; the kernel takes it as it comes
+    out, vjp = jax.vjp(lambda p, x: bigs.pre_norm(p, x, eps, jnp.bfloat16), p, x)
+    g16 = g.astype(jnp.bfloat16)
+    dp, dx = vjp((dres, g16))
+    assert out[1].dtype == jnp.bfloat16 and dx.dtype == jnp.float32 and max_rel(dx, want[1]) < 1e-2
+    assert max_rel(bigs.norm_call(rows(x), rows(g16), rows(dres), p["scale"], eps)[0], rows(dx)) < 1e-6
+
+
 # ---------------------------------------------------------------------------------------------------
 # Initialisation.
 
