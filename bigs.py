@@ -188,6 +188,14 @@ def on_one_gpu():
     return jax.default_backend() == "gpu" and jax.device_count() == 1
 
 
+def compiled_on_gpu(num_warps):
+    """pallas_call's arguments for this file's kernels: compiled by Triton on a GPU with num_warps warps,
+    interpreted elsewhere (the tests on the CPU)."""
+    if jax.default_backend() != "gpu":
+        return {"interpret": True}
+    return {"compiler_params": pltriton.CompilerParams(num_warps=num_warps, num_stages=1)}
+
+
 def use_scan_kernel(u):
     """Where the kernel is measured to win: one GPU, bfloat16 (in float32 the kernel's first version
     overflowed shared memory)."""
@@ -223,13 +231,12 @@ def scan_call(x, T, S, E, a, reverse):
     N, bh, dt = S.shape[1], SCAN_CHANNELS, x.dtype
     whole = lambda *shape: pl.BlockSpec(shape, lambda b, j: (0,) * len(shape))
     xs, xhs = (pl.BlockSpec((nC, m, None, bh), lambda b, j: (0, 0, b, j)) for m in (Q, Q + 2 * N))
-    gpu = jax.default_backend() == "gpu"  # elsewhere the kernel is interpreted (tests on the CPU)
     return pl.pallas_call(
         functools.partial(scan_kernel, reverse=reverse), grid=(B, H // bh),
         in_specs=[xs, whole(Q, Q), whole(N, Q), whole(N, Q), whole(Q, N), whole(Q, N), whole(N, 1), whole(N, 1)],
         out_specs=[xs, xhs],
         out_shape=[jax.ShapeDtypeStruct(x.shape, dt), jax.ShapeDtypeStruct((nC, Q + 2 * N, B, H), dt)],
-        interpret=not gpu, compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=1) if gpu else None,
+        **compiled_on_gpu(num_warps=4),
     )(x, *(m.astype(dt) for m in (T, S[0], S[1], E[0], E[1])), *(r[:, None].astype(jnp.float32) for r in a))
 
 
@@ -352,12 +359,11 @@ def norm_call(x, g, dres, scale, eps):
     R = NORM_ROWS * NORM_STEPS
     nP = -(-T // R)
     rows, sums = pl.BlockSpec((R, H), lambda i: (i, 0)), pl.BlockSpec((None, 1, H), lambda i: (i, 0, 0))
-    gpu = jax.default_backend() == "gpu"
     dx, dscale, dbias = pl.pallas_call(
         functools.partial(norm_kernel, eps=eps), grid=(nP,),
         in_specs=[rows, rows, rows, pl.BlockSpec((1, H), lambda i: (0, 0))], out_specs=[rows, sums, sums],
         out_shape=[jax.ShapeDtypeStruct((nP * R, H), jnp.float32)] + 2 * [jax.ShapeDtypeStruct((nP, 1, H), jnp.float32)],
-        interpret=not gpu, compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=1) if gpu else None,
+        **compiled_on_gpu(num_warps=4),
     )(*(jnp.pad(a, ((0, nP * R - T), (0, 0))) for a in (x, g, dres)), scale[None].astype(jnp.float32))
     return dx[:T], dscale.sum((0, 1)), dbias.sum((0, 1))
 
