@@ -2,13 +2,17 @@
 (Wang, Yan, Gu, Rush, 2022), as pure JAX functions over plain dicts of arrays.
 
 Read top to bottom next to the paper:
-  1. the S4D state-space model: its convolution kernel K, the convolution, and the same SSM as a recurrence;
+  1. the S4D state-space model: its parameters, its convolution kernel K, the convolution, the recurrence;
   2. the gated bidirectional block (V, F, B, U_F, U_B, U, O);
-  3. embeddings, the encoder (a stack of blocks), the pooler and the heads;
-  4. initialisation, and reading and writing official Flax checkpoints.
+  3. embeddings, the encoder (a stack of blocks), the pooler, the heads and `forward`;
+  4. initialisation, reading and writing official Flax checkpoints, and the fill-mask demo;
+  5. the fast forms: the same sums as in 1 and 2, computed faster (matmuls for the convolution, GPU
+     kernels, hand-written gradients). Each names the reference form it equals and the test that shows
+     it; `Config(fast=False)` runs the model on the reference forms alone.
 
-Shapes: B batch, L sequence length, H hidden_size, I intermediate_size, N num_ssm (complex modes),
-V vocab_size. The computation equals the official Flax implementation (tests: test_bigs.py).
+Shapes: L sequence length, batch (the sequences of a batch; B is the paper's backward branch), H hidden_size,
+I intermediate_size, N num_ssm (complex modes), V vocab_size. The computation equals the official Flax
+implementation (tests: test_bigs.py).
 """
 
 import dataclasses
@@ -20,8 +24,6 @@ import tempfile
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as pltriton
 
 # ----------------------------------------------------------------------------------------------------
 # Configuration. Field names and defaults are those of the official BiGSConfig, so an official
@@ -49,8 +51,13 @@ class Config:
     # Not in the official config: zero the SSM inputs at pad positions, so that pads cannot reach real
     # tokens (the official encoder ignores attention_mask). False reproduces the official outputs.
     mask_padding: bool = True
+    # How to run it, not what it is (not saved in config.json; keyword arguments of from_pretrained):
     dtype: str = "float32"  # compute dtype of the matmuls: "float32" or "bfloat16"
     remat: bool = False  # recompute each layer in the backward pass: activation memory of one layer, not all
+    fast: bool = True  # the fast forms of section 5; False: the reference forms alone, as sections 1 and 2 write them
+
+
+RUN_SETTINGS = ("dtype", "remat", "fast")
 
 
 PRESETS = {
@@ -88,208 +95,27 @@ def ssm_kernel(p, L):
 
 
 def causal_conv(u, K):
-    """y[t] = sum_{s<=t} K[t-s] u[s] along the time axis of u (L, B, H), by FFTs of length 2L (no wrap-around)."""
+    """y[t] = sum_{s<=t} K[t-s] u[s] along the time axis of u (L, batch, H), by FFTs of length 2L (no
+    wrap-around)."""
     L = u.shape[0]
     y = jnp.fft.irfft(jnp.fft.rfft(u, n=2 * L, axis=0) * jnp.fft.rfft(K, n=2 * L)[:, None, None], n=2 * L, axis=0)
     return y[:L]
 
 
 def ssm(p, u):
-    """The SSM as a convolution: y = K * u + D u.  u, y: (L, B, H), time first (as every SSM function here and
-    the layers take them), float32 or wider (jnp.fft rejects bfloat16)."""
+    """The SSM as a convolution: y = K * u + D u.  u, y: (L, batch, H), time first (as every SSM function here
+    and the layers take them), float32 or wider (jnp.fft rejects bfloat16)."""
     u = u.astype(jnp.promote_types(u.dtype, jnp.float32))
     return causal_conv(u, ssm_kernel(p, u.shape[0])) + p["D"] * u
 
 
-def toeplitz(k):
-    """T (Q, Q) with T[i, j] = k[i - j] below the diagonal and 0 above: row i of T is the reversed k,
-    zero-padded to 2Q, rotated by i, so T is a slice of that vector tiled Q times. (Indexing k by i - j
-    would also do, but its gradient is a scatter-add of Q^2 values into Q, slow on GPUs.)"""
-    Q = k.shape[0]
-    rows = jnp.tile(jnp.concatenate([k[::-1], jnp.zeros_like(k)]), Q)[: Q * (2 * Q - 1)].reshape(Q, 2 * Q - 1)
-    return rows[:, Q - 1:]
-
-
-def chunk_matrices(p, Q, reverse=False):
-    """The SSM's matrices for chunks of Q tokens (see ssm_chunked; i, j count from the chunk's start,
-    or from its end when reverse):  T (Q, Q) the Toeplitz matrix of K[0..Q) with K[0] + D on its
-    diagonal (transposed when reverse);  S = Abar^(Q-j), from position j to the chunk's edge;
-    E = C Bbar Abar^i, from the state at the edge to position i. Both complex, kept as real parts for
-    real matmuls: S (2, N, Q) = (Re, Im) and E (2, Q, N) = (Re, -Im), so Re(E h) = E[0] Re h + E[1] Im h."""
-    A, Bbar, C, dt = ssm_parameters(p)
-    T = toeplitz(ssm_kernel(p, Q)) + p["D"] * jnp.eye(Q)
-    i = jnp.arange(Q)
-    to_edge, from_edge = (i, Q - i) if reverse else (Q - i, i)  # powers of Abar between position and state
-    S = jnp.exp((to_edge[None, :] * dt) * A[:, None])  # (N, Q)
-    E = C * Bbar * jnp.exp((from_edge[:, None] * dt) * A)  # (Q, N)
-    return (T.T if reverse else T), jnp.stack([S.real, S.imag]), jnp.stack([E.real, -E.imag])
-
-
-def ssm_chunked(p, u, reverse=False, Q=512):
-    """The same y = K * u + D u as `ssm`, as matmuls (fast on GPUs and TPUs). Split t = cQ + i:
-      within chunk c:  sum_{j<=i} K[i-j] u[c,j] + D u[c,i], a (Q, Q) lower-triangular Toeplitz matmul
-                       with K[0] + D on its diagonal;
-      from before it:  Re sum_n C_n Bbar_n Abar_n^i h[c,n], with the N-mode state
-                       h[c] = sum_{s < cQ} Abar^(cQ-s) u[s] = sum_{c'<c} Abar^(Q(c-1-c')) g[c'],
-                       g[c'] = sum_j Abar^(Q-j) u[c',j].
-    reverse=True runs the SSM from the end of the sequence (= flip(ssm(flip(u))), without the flips):
-    the Toeplitz matrix is transposed, the state comes from later chunks, and i and j count from the
-    chunk's other end. u: (L, B, H); every power of Abar here is <= 1 in modulus, so nothing grows.
-    Time comes first so that each matmul contracts u's leading axis: all sequences and channels are the
-    columns of one GEMM, (Q, Q) x (Q, B H), with no transposes and no per-sequence copies of T.
-    The matmuls run in u's dtype (bfloat16 in mixed precision; their gradients then do too).
-    On one GPU in bfloat16, sequences longer than 2Q go to `ssm_scan`, the same sum as one kernel."""
-    L, Bsz, H = u.shape
-    if L > 2 * Q and use_scan_kernel(u):
-        return ssm_scan(p, u, reverse)
-    Q = L if L <= 2 * Q else Q  # up to 2Q tokens one Toeplitz matmul is faster than carrying the state (H100)
-    nC = -(-L // Q)
-    x = jnp.pad(u, ((0, nC * Q - L), (0, 0), (0, 0))).reshape(nC, Q, Bsz * H)  # chunk c: x[c] (Q, B H)
-
-    def matmul(M, x):  # M (m, k) times each chunk's x (k, B H) -> (nC, m, B H); M is copied once per chunk,
-        M = jnp.broadcast_to(M.astype(u.dtype), x.shape[:1] + M.shape)  # so that XLA runs a batched matmul
-        return jnp.einsum("cmk,ckn->cmn", M, x)  # rather than transposing x to put the chunks among the columns
-
-    T, S, E = chunk_matrices(p, Q, reverse)
-    y = matmul(T, x)  # (nC, Q, B H)
-    if nC > 1:  # the matmuls over the N modes run on stacked real and imaginary parts (2N rows)
-        A, _, _, dt = ssm_parameters(p)
-        N = A.shape[0]
-        g = matmul(S.reshape(2 * N, Q), x)  # (nC, 2N, B H)
-        c = jnp.arange(nC)
-        d = (c[None, :] - 1 - c[:, None]) if reverse else (c[:, None] - 1 - c[None, :])  # whole chunks between
-        M = jnp.where((d >= 0)[..., None], jnp.exp((jnp.maximum(d, 0)[..., None] * Q * dt) * A), 0)  # (nC, nC, N)
-        # h[c] = sum_c' M[c, c'] g[c'] (complex, per mode) as one real matmul over all chunks at once: each
-        # complex factor m becomes the block [[Re m, -Im m], [Im m, Re m]] acting on stacked (Re g, Im g).
-        diag = lambda m: m[..., None] * jnp.eye(N)  # (nC, nC, N, N)
-        R = jnp.block([[diag(M.real), diag(-M.imag)], [diag(M.imag), diag(M.real)]])  # (nC, nC, 2N, 2N)
-        R = R.transpose(0, 2, 1, 3).reshape(nC * 2 * N, nC * 2 * N)
-        h = jnp.dot(R.astype(u.dtype), g.reshape(nC * 2 * N, -1)).reshape(nC, 2 * N, -1)  # (Re h, Im h)
-        E = E.transpose(1, 0, 2).reshape(Q, 2 * N)  # (Q, 2N)
-        y = y.astype(jnp.float32) + matmul(E, h).astype(jnp.float32)  # + Re(E h)
-    return y.reshape(nC * Q, Bsz, H)[:L].astype(u.dtype)
-
-
-# The chunked form as one GPU kernel (Pallas, compiled by Triton). XLA runs ssm_chunked's state as
-# separate matmuls, slices and sums, each a pass over the activations; here each program takes
-# SCAN_CHANNELS channels of one sequence through its chunks in order and keeps the state in registers:
-#   y[c] = T x[c] + Re(E h[c]),   h[c+1] = Abar^Q h[c] + S x[c]   (h[0] = 0; complex h as Re, Im).
-# Its transpose (the backward pass) is the same loop run the other way with T^T, E^T and S^T swapped and
-# conj(Abar^Q). The matrices are read once per program, not re-read from memory for every chunk, and
-# each chunk's x is loaded while the one before is computed. A BiGS-large step at L=4096 on an H100
-# runs about 10% faster than with the XLA form (README, Benchmarks); shorter sequences keep the
-# Toeplitz matmul, faster there.
-SCAN_CHANNELS = 64
-
-
-def on_one_gpu():
-    """Where this file's kernels run compiled: one GPU (XLA cannot split a kernel over a mesh, it would
-    gather the activations). Elsewhere the same sums run as XLA operations; the tests interpret the kernels."""
-    return jax.default_backend() == "gpu" and jax.device_count() == 1
-
-
-def compiled_on_gpu(num_warps):
-    """pallas_call's arguments for this file's kernels: compiled by Triton on a GPU with num_warps warps,
-    interpreted elsewhere (the tests on the CPU)."""
-    if jax.default_backend() != "gpu":
-        return {"interpret": True}
-    return {"compiler_params": pltriton.CompilerParams(num_warps=num_warps, num_stages=1)}
-
-
-def use_scan_kernel(u):
-    """Where the kernel is measured to win: one GPU, bfloat16 (in float32 the kernel's first version
-    overflowed shared memory)."""
-    return on_one_gpu() and u.dtype == jnp.bfloat16 and u.shape[-1] % SCAN_CHANNELS == 0
-
-
-def scan_kernel(x_ref, T_ref, Sr_ref, Si_ref, Er_ref, Ei_ref, ar_ref, ai_ref, y_ref, xh_ref, *, reverse):
-    """x_ref, y_ref: (nC, Q, bh) one sequence's channels; xh_ref: (nC, Q + 2N, bh) each chunk's x over the
-    state before it (Re h; Im h), kept for the gradients; Er, Ei: the real and imaginary parts' maps,
-    Re(E h) = Er hr + Ei hi."""
-    nC, Q, N, f32 = x_ref.shape[0], x_ref.shape[1], Sr_ref.shape[0], jnp.float32
-    T, Sr, Si, Er, Ei = (r[...] for r in (T_ref, Sr_ref, Si_ref, Er_ref, Ei_ref))  # read once, not per chunk
-    ar, ai = ar_ref[...], ai_ref[...]  # (N, 1): Abar^Q
-    chunk_at = lambda k: jnp.clip(nC - 1 - k if reverse else k, 0, nC - 1)  # the k-th chunk visited
-
-    def chunk(k, carry):
-        hr, hi, x = carry  # (N, bh) float32, and x[c] (Q, bh), loaded one step ahead
-        c = chunk_at(k)
-        x_next = x_ref[chunk_at(k + 1)]  # issued now, used next step: its load overlaps this chunk's matmuls
-        xh_ref[c, :Q], xh_ref[c, Q:Q + N], xh_ref[c, Q + N:] = x, hr.astype(x.dtype), hi.astype(x.dtype)
-        dot = lambda M, z: jnp.dot(M, z.astype(x.dtype), preferred_element_type=f32)
-        y_ref[c] = (dot(T, x) + dot(Er, hr) + dot(Ei, hi)).astype(y_ref.dtype)
-        return ar * hr - ai * hi + dot(Sr, x), ai * hr + ar * hi + dot(Si, x), x_next
-
-    zero = jnp.zeros((N, x_ref.shape[2]), f32)
-    jax.lax.fori_loop(0, nC, chunk, (zero, zero, x_ref[chunk_at(0)]))
-
-
-def scan_call(x, T, S, E, a, reverse):
-    """Runs scan_kernel over (sequence, block of channels). x (nC, Q, B, H); T, S, E from chunk_matrices;
-    a (2, N) = Abar^Q's (Re, Im). -> y like x, and x over the states, (nC, Q + 2N, B, H)."""
-    nC, Q, B, H = x.shape
-    N, bh, dt = S.shape[1], SCAN_CHANNELS, x.dtype
-    whole = lambda *shape: pl.BlockSpec(shape, lambda b, j: (0,) * len(shape))
-    xs, xhs = (pl.BlockSpec((nC, m, None, bh), lambda b, j: (0, 0, b, j)) for m in (Q, Q + 2 * N))
-    return pl.pallas_call(
-        functools.partial(scan_kernel, reverse=reverse), grid=(B, H // bh),
-        in_specs=[xs, whole(Q, Q), whole(N, Q), whole(N, Q), whole(Q, N), whole(Q, N), whole(N, 1), whole(N, 1)],
-        out_specs=[xs, xhs],
-        out_shape=[jax.ShapeDtypeStruct(x.shape, dt), jax.ShapeDtypeStruct((nC, Q + 2 * N, B, H), dt)],
-        **compiled_on_gpu(num_warps=4),
-    )(x, *(m.astype(dt) for m in (T, S[0], S[1], E[0], E[1])), *(r[:, None].astype(jnp.float32) for r in a))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def chunk_scan(x, T, S, E, a, reverse):
-    return scan_call(x, T, S, E, a, reverse)[0]
-
-
-def chunk_scan_forward(x, T, S, E, a, reverse):
-    y, xh = scan_call(x, T, S, E, a, reverse)
-    return y, (T, S, E, a, xh)
-
-
-def chunk_scan_backward(reverse, saved, dy):
-    """dx[c] = T^T dy[c] + S^T lam[c+1],  lam[c] = conj(Abar^Q) lam[c+1] + E^T dy[c]: the kernel run the other
-    way. With lam (the gradient of the state after each chunk) stacked under dy as the kernel writes them,
-    every gradient of the matrices is a block of one Gram matrix,  G = sum_c [dy; lam][c] [x; h][c]^T:
-    dT = sum dy x^T,  dE = sum dy h^T,  dS = sum lam x^T,  and da from the diagonals of sum lam h^T
-    (da = sum conj(h) lam, per mode). One pass over the four arrays instead of one per product."""
-    T, S, E, a, xh = saved  # xh, dyl: (nC, Q + 2N, B, H), the states as real parts over imaginary
-    Q, N = T.shape[0], S.shape[1]
-    swap = lambda M: M.transpose(0, 2, 1)
-    dx, dyl = scan_call(dy, T.T, swap(E), swap(S), a * jnp.array([1, -1])[:, None], not reverse)
-    # one matmul per chunk over all sequences and channels (B H), then summed over the chunks
-    G = jnp.einsum("cibh,cjbh->cij", dyl, xh, preferred_element_type=jnp.float32).sum(0)  # (Q + 2N, Q + 2N)
-    dS = G[Q:, :Q].reshape(2, N, Q)
-    dE = G[:Q, Q:].reshape(Q, 2, N).transpose(1, 0, 2)
-    d = jnp.diagonal(G[Q:, Q:].reshape(2, N, 2, N), axis1=1, axis2=3)  # (2, 2, N): d[p, q] = sum lam_p h_q
-    da = jnp.stack([d[0, 0] + d[1, 1], d[1, 0] - d[0, 1]])  # (Re, Im) = (lr hr + li hi, li hr - lr hi)
-    return dx, G[:Q, :Q].astype(T.dtype), dS.astype(S.dtype), dE.astype(E.dtype), da.astype(a.dtype)
-
-
-chunk_scan.defvjp(chunk_scan_forward, chunk_scan_backward)
-
-
-def ssm_scan(p, u, reverse=False, Q=128):
-    """ssm_chunked's sum by the kernel above.  u, y: (L, B, H), H a multiple of SCAN_CHANNELS."""
-    L, Bsz, H = u.shape
-    nC = -(-L // Q)
-    x = jnp.pad(u, ((0, nC * Q - L), (0, 0), (0, 0))).reshape(nC, Q, Bsz, H)
-    A, _, _, dt = ssm_parameters(p)
-    T, S, E = chunk_matrices(p, Q, reverse)
-    a = jnp.exp((Q * dt) * A)  # (N,): a whole chunk
-    y = chunk_scan(x, T, S, E, jnp.stack([a.real, a.imag]), reverse)
-    return y.reshape(nC * Q, Bsz, H)[:L]
-
-
 def ssm_recurrent(p, u):
-    """The same SSM step by step: x_k = Abar x_{k-1} + Bbar u_k, y_k = Re(C x_k) + D u_k.  u, y: (L, B, H)."""
+    """The same SSM step by step: x_k = Abar x_{k-1} + Bbar u_k, y_k = Re(C x_k) + D u_k.  u, y: (L, batch, H).
+    A recurrence costs L sequential steps; the convolution computes all L outputs at once."""
     A, Bbar, C, dt = ssm_parameters(p)
     Abar = jnp.exp(dt * A)  # (N,)
 
-    def step(x, u_k):  # x: (B, H, N) complex state, u_k: (B, H)
+    def step(x, u_k):  # x: (batch, H, N) complex state, u_k: (batch, H)
         x = Abar * x + Bbar * u_k[..., None]
         return x, (x @ C).real + p["D"] * u_k
 
@@ -299,6 +125,8 @@ def ssm_recurrent(p, u):
 
 # ----------------------------------------------------------------------------------------------------
 # 2. The gated bidirectional block. Every dense layer has a bias; the layers use the tanh GELU.
+#    The block calls three operations through the dispatch points below (`layer_norm_residual`,
+#    `gelu_tanh`, `ssm_conv`): the reference forms written here, or their fast forms of section 5.
 
 
 def dense(p, x, dtype):
@@ -317,118 +145,43 @@ def layer_norm(p, x, eps):
     return (x - mean) * rstd * p["scale"] + p["bias"]
 
 
-# The block's LayerNorm with its backward pass written out. Autodiff's, as XLA fuses it on an H100, made
-# several passes over the activations at about 40% of memory bandwidth (0.38 ms of a 7 ms BiGS-large layer
-# at 4096 x 8 tokens). Written out it is one pass per row, which on one GPU is a kernel; since the residual
-# path x + O(...) meets LayerNorm's input, the same pass adds the residual's gradient dres:
-#   xhat = (x - mean) rstd,   dx = dres + rstd (g s - mean(g s) - xhat mean(g s xhat)),
-#   dscale = sum over tokens of g xhat,   dbias = sum of g    (g: the output's gradient, s: the scale,
-#   means over the H features). A BiGS-large step on an H100 runs 2.4-3.6% faster (README, Benchmarks).
+def layer_norm_residual(p, x, config):
+    """(x, X = LayerNorm(x) in the compute dtype).  x: (L, batch, H) float32, the residual stream."""
+    if config.fast:
+        return pre_norm(p, x, config.layer_norm_eps, jnp.dtype(config.dtype))  # one backward pass for both
+    return x, layer_norm(p, x, config.layer_norm_eps).astype(config.dtype)
 
 
-def layer_norm_grad(x, g, scale, eps):
-    """For rows x (..., H) and their output's gradient g: LayerNorm's input gradient, and g xhat."""
-    mean, rstd = moments(x, eps)
-    xhat = (x - mean) * rstd
-    gs = g * scale
-    return rstd * (gs - gs.mean(-1, keepdims=True) - xhat * (gs * xhat).mean(-1, keepdims=True)), g * xhat
+def gelu_tanh(x, config):
+    """GELU in its tanh form, 0.5 x (1 + tanh(c (x + a x^3))), c = sqrt(2/pi), a = 0.044715."""
+    return gelu_fast(x) if config.fast else jax.nn.gelu(x, approximate=True)
 
 
-# A program takes 32 steps of 4 rows (held in registers by 4 warps) and sums over its 128 rows. On an H100,
-# 32k rows of 1024: 0.205 ms, 2.3 TB/s; 8 rows and 8 warps 0.256 ms; XLA's autodiff form 0.400 ms.
-NORM_ROWS, NORM_STEPS = 4, 32
-
-
-def norm_kernel(x_ref, g_ref, dres_ref, scale_ref, dx_ref, dscale_ref, dbias_ref, *, eps):
-    """x, g, dres, dx: (128, H) rows; scale: (1, H); dscale, dbias: (1, H) this program's sums."""
-    def step(i, sums):
-        rows = pl.ds(i * NORM_ROWS, NORM_ROWS)
-        g = g_ref[rows, :].astype(jnp.float32)
-        dx, gxhat = layer_norm_grad(x_ref[rows, :], g, scale_ref[...], eps)
-        dx_ref[rows, :] = dres_ref[rows, :] + dx
-        return sums[0] + gxhat.sum(0, keepdims=True), sums[1] + g.sum(0, keepdims=True)
-
-    zero = jnp.zeros(scale_ref.shape, jnp.float32)
-    dscale_ref[...], dbias_ref[...] = jax.lax.fori_loop(0, NORM_STEPS, step, (zero, zero))
-
-
-def norm_call(x, g, dres, scale, eps):
-    """Runs norm_kernel over blocks of rows, the last one padded with zero rows (whose gradients are 0).
-    x, dres: (T, H) float32, g: (T, H), scale: (H,) -> dx (T, H), dscale, dbias (H,)."""
-    T, H = x.shape
-    R = NORM_ROWS * NORM_STEPS
-    nP = -(-T // R)
-    rows, sums = pl.BlockSpec((R, H), lambda i: (i, 0)), pl.BlockSpec((None, 1, H), lambda i: (i, 0, 0))
-    dx, dscale, dbias = pl.pallas_call(
-        functools.partial(norm_kernel, eps=eps), grid=(nP,),
-        in_specs=[rows, rows, rows, pl.BlockSpec((1, H), lambda i: (0, 0))], out_specs=[rows, sums, sums],
-        out_shape=[jax.ShapeDtypeStruct((nP * R, H), jnp.float32)] + 2 * [jax.ShapeDtypeStruct((nP, 1, H), jnp.float32)],
-        **compiled_on_gpu(num_warps=4),
-    )(*(jnp.pad(a, ((0, nP * R - T), (0, 0))) for a in (x, g, dres)), scale[None].astype(jnp.float32))
-    return dx[:T], dscale.sum((0, 1)), dbias.sum((0, 1))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def pre_norm(p, x, eps, dtype):
-    """(x, LayerNorm(x) in dtype), x float32: x passes through unchanged so that the backward pass receives
-    the residual path's gradient with LayerNorm's, and sums them in its one pass."""
-    return x, layer_norm(p, x, eps).astype(dtype)
-
-
-def pre_norm_forward(p, x, eps, dtype):
-    return pre_norm(p, x, eps, dtype), (p["scale"], x)
-
-
-def pre_norm_backward(eps, dtype, saved, grads):
-    scale, x = saved
-    (dres, g), H = grads, x.shape[-1]
-    x2, g2, dres2 = (a.reshape(-1, H) for a in (x, g, dres))  # (tokens, H)
-    if on_one_gpu() and H & (H - 1) == 0:  # Triton's blocks are powers of 2 (BiGS-large: H = 1024)
-        dx, dscale, dbias = norm_call(x2, g2, dres2, scale, eps)
-    else:
-        g2 = g2.astype(jnp.float32)
-        dx, gxhat = layer_norm_grad(x2, g2, scale, eps)
-        dx, dscale, dbias = dres2 + dx, gxhat.sum(0), g2.sum(0)
-    return {"scale": dscale, "bias": dbias}, dx.reshape(x.shape)
-
-
-pre_norm.defvjp(pre_norm_forward, pre_norm_backward)
-
-
-@jax.custom_vjp
-def gelu(x):
-    return jax.nn.gelu(x, approximate=True)  # 0.5 x (1 + tanh(c (x + a x^3))), c = sqrt(2/pi), a = 0.044715
-
-
-def gelu_forward(x):  # the backward pass keeps x alone (autodiff would keep tanh and the product before the
-    return gelu(x), x  # bias, two reads per element instead of one: 0.2-0.4 ms per BiGS-large layer on an H100)
-
-
-def gelu_backward(x, g):  # d/dx gelu = 0.5 (1 + t) + 0.5 x (1 - t^2) c (1 + 3 a x^2),  t = tanh(c (x + a x^3))
-    x, c, a = x.astype(jnp.float32), np.sqrt(2 / np.pi), 0.044715
-    t = jnp.tanh(c * (x + a * x**3))
-    return ((g * (0.5 * (1 + t) + 0.5 * x * (1 - t * t) * c * (1 + 3 * a * x * x))).astype(g.dtype),)
-
-
-gelu.defvjp(gelu_forward, gelu_backward)
+def ssm_conv(p, u, config, reverse=False):
+    """SSM(u) along the time axis of u (L, batch, H), in u's dtype; reverse=True reads the sequence from its
+    end: Flip(SSM(Flip(u)))."""
+    if config.fast:
+        return ssm_chunked(p, u, reverse)
+    flip = lambda a: jnp.flip(a, axis=0)
+    return (flip(ssm(p, flip(u))) if reverse else ssm(p, u)).astype(u.dtype)
 
 
 def bigs_layer(p, x, mask, config):
-    """One BiGS layer, pre-norm: x + O(LayerNorm(x)).  x: (L, B, H), time first; mask: (L, B, 1) of 0/1, or None.
-    The paper's B = gelu(W_b Flip(X)) and U_B = Flip(W_ub SSM_b(B)): since W_b and W_ub act on each token
-    alone they commute with Flip, so B is computed in reading order and SSM_b runs backwards (reverse=True).
-    That makes V, F and B one matmul, and saves four passes over the activations."""
-    dt = jnp.dtype(config.dtype)
+    """One BiGS layer, pre-norm: x + O(LayerNorm(x)).  x: (L, batch, H), time first; mask: (L, batch, 1) of
+    0/1, or None. The paper's B = gelu(W_b Flip(X)) and U_B = Flip(W_ub SSM_b(B)): since W_b and W_ub act on
+    each token alone they commute with Flip, so B is computed in reading order and SSM_b reads it from the
+    end (reverse=True). That makes V, F and B one matmul, and saves four passes over the activations."""
+    cdt = jnp.dtype(config.dtype)  # the matmuls' compute dtype
     I, H = config.intermediate_size, config.hidden_size
-    x, X = pre_norm(p["norm"], x, config.layer_norm_eps, dt)  # X = LayerNorm(x), x unchanged
+    x, X = layer_norm_residual(p["norm"], x, config)  # X = LayerNorm(x), x unchanged
     W = {k: jnp.concatenate([p[w][k] for w in ("W_v", "W_f", "W_b")], -1) for k in ("kernel", "bias")}
-    V, F, B = jnp.split(gelu(dense(W, X, dt)), [I, I + H], axis=-1)  # (L, B, I), (L, B, H), (L, B, H)
+    V, F, B = jnp.split(gelu_tanh(dense(W, X, cdt), config), [I, I + H], axis=-1)  # V (L, batch, I); F, B (L, batch, H)
     if mask is not None:  # pads feed nothing into either SSM
-        F, B = F * mask.astype(dt), B * mask.astype(dt)
-    U_F = dense(p["W_uf"], ssm_chunked(p["ssm_f"], F), dt)  # (L, B, H)  the forward SSM
-    U_B = dense(p["W_ub"], ssm_chunked(p["ssm_b"], B, reverse=True), dt)  # (L, B, H)  the backward SSM
-    U = gelu(dense(p["W_l"], U_F * U_B, dt))  # (L, B, I)  multiplicative gating of the two directions
-    O = dense(p["W_o"], U * V, dt)  # (L, B, H)
+        F, B = F * mask.astype(cdt), B * mask.astype(cdt)
+    U_F = dense(p["W_uf"], ssm_conv(p["ssm_f"], F, config), cdt)  # (L, batch, H)  the forward SSM
+    U_B = dense(p["W_ub"], ssm_conv(p["ssm_b"], B, config, reverse=True), cdt)  # (L, batch, H)  the backward SSM
+    U = gelu_tanh(dense(p["W_l"], U_F * U_B, cdt), config)  # (L, batch, I)  multiplicative gating
+    O = dense(p["W_o"], U * V, cdt)  # (L, batch, H)
     return x + O.astype(jnp.float32)
 
 
@@ -445,29 +198,29 @@ def dropout(x, rate, rng):
 
 
 def embed(p, config, input_ids, token_type_ids, rng):
-    """Word + learned absolute position + token type, LayerNorm, dropout.  Time first: (L, B) -> (L, B, H)."""
-    positions = jnp.broadcast_to(jnp.arange(input_ids.shape[0])[:, None], input_ids.shape)  # (L, B), looked up
+    """Word + learned absolute position + token type, LayerNorm, dropout.  Time first: (L, batch) -> (L, batch, H)."""
+    positions = jnp.broadcast_to(jnp.arange(input_ids.shape[0])[:, None], input_ids.shape)  # (L, batch), looked up
     # per token: one (L, H) slice added to every sequence would have a gradient summed over the batch, for which
-    # XLA stored the residual stream with the batch minor on GPUs (a transpose per layer; 4-5% of the step,
-    # measured when the layers took (B, L, H)).
+    # XLA stores the residual stream with the batch minor on GPUs, a transpose in every layer.
     x = p["word"][input_ids] + p["token_type"][token_type_ids] + p["position"][positions]
     return dropout(layer_norm(p["norm"], x, config.layer_norm_eps), config.hidden_dropout_prob, rng)
 
 
 def encode(params, config, input_ids, attention_mask=None, token_type_ids=None, rng=None):
     """Embeddings, then the stack of BiGS layers (parameters stacked on a leading layer axis).
-    input_ids, attention_mask, token_type_ids: (B, L) -> hidden states (L, B, H), time first as the layers
-    compute them (see ssm_chunked): the ids are transposed here, not the activations, since a transpose of
-    the activations at either end makes XLA store the whole residual stream batch-first, a transpose per layer."""
+    input_ids, attention_mask, token_type_ids: (batch, L) -> hidden states (L, batch, H), time first as the
+    layers compute them (see ssm_chunked): the ids are transposed here, not the activations, since a transpose
+    of the activations at either end makes XLA store the whole residual stream batch-first, a transpose per
+    layer."""
     L = input_ids.shape[-1]
     if not 1 <= L <= config.max_position_embeddings:
         raise ValueError(f"sequence length {L} is outside 1..max_position_embeddings={config.max_position_embeddings}")
     if token_type_ids is None:
         token_type_ids = jnp.zeros_like(input_ids)
-    x = embed(params["embeddings"], config, input_ids.T, token_type_ids.T, rng)  # (L, B, H)
+    x = embed(params["embeddings"], config, input_ids.T, token_type_ids.T, rng)  # (L, batch, H)
     mask = None
     if config.mask_padding and attention_mask is not None:
-        mask = attention_mask.T[..., None].astype(jnp.float32)  # (L, B, 1)
+        mask = attention_mask.T[..., None].astype(jnp.float32)  # (L, batch, 1)
     layer = jax.checkpoint(bigs_layer, static_argnums=3) if config.remat else bigs_layer
     for p in unstack(params["layers"], config.num_hidden_layers):  # a Python loop, not lax.scan: XLA then
         x = layer(p, x, mask, config)  # fuses and schedules across layers, which is faster
@@ -482,7 +235,7 @@ def unstack(tree, n):
 
 
 def pool(p, config, h, attention_mask):
-    """tanh(dense(mean of the hidden states h (L, B, H))), over the real tokens ('non_padding_mean') or all ('mean')."""
+    """tanh(dense(mean of the hidden states h (L, batch, H))), over the real tokens ('non_padding_mean') or all ('mean')."""
     if config.pooler_type == "mean" or attention_mask is None:
         mean = h.mean(axis=0)
     else:
@@ -492,17 +245,17 @@ def pool(p, config, h, attention_mask):
 
 
 def mlm_head(params, config, h, masked_positions=None):
-    """Masked-LM logits (B, L, V), or (B, M, V) at masked_positions (B, M) only, from h (L, B, H): dense,
+    """Masked-LM logits (batch, L, V), or (batch, M, V) at masked_positions (batch, M) only, from h (L, batch, H): dense,
     exact GELU, LayerNorm, then the decoder (tied: the word embeddings transposed) and a bias."""
     p = params["mlm"]
     if masked_positions is None:
-        h = h.swapaxes(0, 1)  # (B, L, H)
+        h = h.swapaxes(0, 1)  # (batch, L, H)
     else:
-        h = h[masked_positions, jnp.arange(h.shape[1])[:, None]]  # (B, M, H)
-    dt = jnp.dtype(config.dtype)
-    t = layer_norm(p["norm"], jax.nn.gelu(dense(p["dense"], h, dt), approximate=False), config.layer_norm_eps)
+        h = h[masked_positions, jnp.arange(h.shape[1])[:, None]]  # (batch, M, H)
+    cdt = jnp.dtype(config.dtype)
+    t = layer_norm(p["norm"], jax.nn.gelu(dense(p["dense"], h, cdt), approximate=False), config.layer_norm_eps)
     W = params["embeddings"]["word"].T if config.tie_word_embeddings else p["decoder"]  # (H, V)
-    return (jnp.dot(t.astype(dt), W.astype(dt)) + p["bias"].astype(dt)).astype(jnp.float32)
+    return (jnp.dot(t.astype(cdt), W.astype(cdt)) + p["bias"].astype(cdt)).astype(jnp.float32)
 
 
 HEADS = ("mlm", "classification", "token_classification", "question_answering", "multiple_choice")
@@ -511,11 +264,11 @@ HEADS = ("mlm", "classification", "token_classification", "question_answering", 
 def forward(params, config, input_ids, attention_mask=None, token_type_ids=None, *, head, train=False, rng=None,
             masked_positions=None):
     """The model with one head. Returns
-      mlm: logits (B, L, V), or (B, M, V) at masked_positions (B, M);
-      classification: (B, num_labels) (num_labels = 1: a regression score);
-      token_classification: (B, L, num_labels);
-      question_answering: (start_logits, end_logits), each (B, L);
-      multiple_choice: input (B, C, L), logits (B, C).
+      mlm: logits (batch, L, V), or (batch, M, V) at masked_positions (batch, M);
+      classification: (batch, num_labels) (num_labels = 1: a regression score);
+      token_classification: (batch, L, num_labels);
+      question_answering: (start_logits, end_logits), each (batch, L);
+      multiple_choice: input (batch, choices, L), logits (batch, choices).
     train=True applies dropout where the official model has it, drawn from rng."""
     if head not in HEADS:
         raise ValueError(f"unknown head {head!r}; one of {', '.join(HEADS)}")
@@ -531,11 +284,11 @@ def forward(params, config, input_ids, attention_mask=None, token_type_ids=None,
         return mlm_head(params, config, h, masked_positions)
     if head == "token_classification":
         h = dropout(h, config.hidden_dropout_prob, rng_head)
-        return dense(params["classifier"], h, jnp.float32).swapaxes(0, 1)  # (B, L, num_labels)
+        return dense(params["classifier"], h, jnp.float32).swapaxes(0, 1)  # (batch, L, num_labels)
     if head == "question_answering":
-        logits = dense(params["qa_outputs"], h, jnp.float32).swapaxes(0, 1)  # (B, L, 2)
+        logits = dense(params["qa_outputs"], h, jnp.float32).swapaxes(0, 1)  # (batch, L, 2)
         return logits[..., 0], logits[..., 1]
-    pooled = pool(params["pooler"], config, h, attention_mask)  # (B, H)
+    pooled = pool(params["pooler"], config, h, attention_mask)  # (batch, H)
     if head == "multiple_choice":
         pooled = dropout(pooled, config.hidden_dropout_prob, rng_head)
         return dense(params["classifier"], pooled, jnp.float32).reshape(-1, num_choices)
@@ -544,7 +297,7 @@ def forward(params, config, input_ids, attention_mask=None, token_type_ids=None,
 
 
 # ----------------------------------------------------------------------------------------------------
-# 4. Initialisation (the official one).
+# 4. Initialisation (the official one), checkpoints, and the fill-mask demo.
 
 
 def hippo_imag(N):
@@ -614,9 +367,8 @@ def init_params(config, key, head="mlm"):
     return params
 
 
-# ----------------------------------------------------------------------------------------------------
-# 5. Checkpoints: a folder with config.json and flax_model.msgpack, the official format, written and read
-#    with the official parameter names so that official checkpoints and ours are interchangeable.
+# Checkpoints: a folder with config.json and flax_model.msgpack, the official format, written and read with
+# the official parameter names so that official checkpoints and ours are interchangeable.
 
 ARCHITECTURES = {"mlm": "BiGSForMaskedLM", "classification": "BiGSForSequenceClassification",
                  "token_classification": "BiGSForTokenClassification",
@@ -722,7 +474,7 @@ def config_from_json(d):
     for key, supported in (("hidden_act", "gelu"), ("pre_norm", True), ("position_embedding_type", "absolute")):
         if d.get(key, supported) != supported:
             raise ValueError(f"config.json has {key}={d[key]!r}; only {supported!r} is supported")
-    names = {f.name for f in dataclasses.fields(Config)}
+    names = {f.name for f in dataclasses.fields(Config)} - set(RUN_SETTINGS)  # older files may hold dtype, remat
     kwargs = {k: v for k, v in d.items() if k in names}
     if "id2label" in d:  # the official config writes num_labels only through id2label
         kwargs["num_labels"] = len(d["id2label"])
@@ -739,10 +491,12 @@ def head_of(d):
 
 
 def save_pretrained(path, config, params, head="mlm"):
-    """Writes config.json and flax_model.msgpack into the folder path (created if needed)."""
+    """Writes config.json (the model: every field but the RUN_SETTINGS) and flax_model.msgpack into the
+    folder path (created if needed)."""
     os.makedirs(path, exist_ok=True)
     save_msgpack(os.path.join(path, "flax_model.msgpack"), to_official(params))
-    d = dict(dataclasses.asdict(config), architectures=[ARCHITECTURES[head]], model_type="BiGS")
+    d = {k: v for k, v in dataclasses.asdict(config).items() if k not in RUN_SETTINGS}
+    d.update(architectures=[ARCHITECTURES[head]], model_type="BiGS")
     if head == "classification":
         d["id2label"] = {str(i): f"LABEL_{i}" for i in range(config.num_labels)}
     write_atomic(os.path.join(path, "config.json"), json.dumps(d, indent=2).encode())
@@ -751,7 +505,8 @@ def save_pretrained(path, config, params, head="mlm"):
 def from_pretrained(path_or_hub_id, **overrides):
     """(config, params) from a checkpoint folder (official Flax or ours) or a hub id such as
     'JunxiongWang/BiGS_4096' (downloaded with huggingface_hub). overrides replace config fields, e.g.
-    mask_padding=False or dtype='bfloat16'. Every parameter must be present with its expected shape."""
+    mask_padding=False, or the run settings dtype='bfloat16', remat=True, fast=False. Every parameter must be
+    present with its expected shape."""
     path = path_or_hub_id
     if not os.path.isdir(path):
         if os.path.exists(path) or path.count("/") != 1:
@@ -789,7 +544,6 @@ def from_pretrained(path_or_hub_id, **overrides):
     return config, unflatten(flat)
 
 
-# ----------------------------------------------------------------------------------------------------
 # The official README's demo: the most likely tokens for each [MASK].
 
 
@@ -805,3 +559,309 @@ def fill_mask(params, config, tokenizer, text, top_k=5):
     probs = jax.nn.softmax(logits[0], axis=-1)  # (M, V)
     top = jnp.argsort(-probs, axis=-1)[:, :top_k]
     return [[(tokenizer.id_to_token(int(t)), float(probs[m, t])) for t in top[m]] for m in range(len(positions))]
+
+
+# ----------------------------------------------------------------------------------------------------
+# 5. The fast forms: the same sums as sections 1 and 2, computed faster. Each names the reference form it
+#    equals and the test in test_bigs.py that compares them; the dispatch points of section 2 choose them.
+#    5a. ssm_chunked: the SSM convolution as matmuls (reference: ssm, the FFT form);
+#    5b. ssm_scan: the chunked form as one GPU kernel, and its backward pass (reference: ssm);
+#    5c. pre_norm: LayerNorm with a hand-written backward pass, a GPU kernel (reference: layer_norm, autodiff);
+#    5d. gelu_fast: the tanh GELU with a hand-written backward pass (reference: jax.nn.gelu, autodiff).
+#    The kernels are written in Pallas and compiled by Triton on a GPU; on a CPU the tests interpret them.
+
+
+# 5a. ---------------------------------------------------------------------------------------------------
+
+
+def toeplitz(k):
+    """T (Q, Q) with T[i, j] = k[i - j] below the diagonal and 0 above: row i of T is the reversed k,
+    zero-padded to 2Q, rotated by i, so T is a slice of that vector tiled Q times. (Indexing k by i - j
+    would also do, but its gradient is a scatter-add of Q^2 values into Q, slow on GPUs.)"""
+    Q = k.shape[0]
+    rows = jnp.tile(jnp.concatenate([k[::-1], jnp.zeros_like(k)]), Q)[: Q * (2 * Q - 1)].reshape(Q, 2 * Q - 1)
+    return rows[:, Q - 1:]
+
+
+def chunk_matrices(p, Q, reverse=False):
+    """The SSM's matrices for chunks of Q tokens (see ssm_chunked; i, j count from the chunk's start,
+    or from its end when reverse):  T (Q, Q) the Toeplitz matrix of K[0..Q) with K[0] + D on its
+    diagonal (transposed when reverse);  S = Abar^(Q-j), from position j to the chunk's edge;
+    E = C Bbar Abar^i, from the state at the edge to position i. Both complex, kept as real parts for
+    real matmuls: S (2, N, Q) = (Re, Im) and E (2, Q, N) = (Re, -Im), so Re(E h) = E[0] Re h + E[1] Im h."""
+    A, Bbar, C, dt = ssm_parameters(p)
+    T = toeplitz(ssm_kernel(p, Q)) + p["D"] * jnp.eye(Q)
+    i = jnp.arange(Q)
+    to_edge, from_edge = (i, Q - i) if reverse else (Q - i, i)  # powers of Abar between position and state
+    S = jnp.exp((to_edge[None, :] * dt) * A[:, None])  # (N, Q)
+    E = C * Bbar * jnp.exp((from_edge[:, None] * dt) * A)  # (Q, N)
+    return (T.T if reverse else T), jnp.stack([S.real, S.imag]), jnp.stack([E.real, -E.imag])
+
+
+def ssm_chunked(p, u, reverse=False, Q=512):
+    """The same y = K * u + D u as `ssm` (test: test_chunked_matmul_form_equals_fft_form), as matmuls, which
+    GPUs and TPUs run far faster than FFTs. Split t = cQ + i:
+      within chunk c:  sum_{j<=i} K[i-j] u[c,j] + D u[c,i], a (Q, Q) lower-triangular Toeplitz matmul
+                       with K[0] + D on its diagonal;
+      from before it:  Re sum_n C_n Bbar_n Abar_n^i h[c,n], with the N-mode state
+                       h[c] = sum_{s < cQ} Abar^(cQ-s) u[s] = sum_{c'<c} Abar^(Q(c-1-c')) g[c'],
+                       g[c'] = sum_j Abar^(Q-j) u[c',j].
+    reverse=True runs the SSM from the end of the sequence (= flip(ssm(flip(u))), without the flips):
+    the Toeplitz matrix is transposed, the state comes from later chunks, and i and j count from the
+    chunk's other end. u: (L, batch, H); every power of Abar here is <= 1 in modulus, so nothing grows.
+    Time comes first so that each matmul contracts u's leading axis: all sequences and channels are the
+    columns of one GEMM, (Q, Q) x (Q, batch*H), with no transposes and no per-sequence copies of T.
+    The matmuls run in u's dtype (bfloat16 in mixed precision; their gradients then do too).
+    On one GPU in bfloat16, sequences longer than 2Q go to `ssm_scan`, the same sum as one kernel."""
+    L, batch, H = u.shape
+    if L > 2 * Q and use_scan_kernel(u):
+        return ssm_scan(p, u, reverse)
+    Q = L if L <= 2 * Q else Q  # up to 2Q tokens one Toeplitz matmul costs less than carrying the state
+    nC = -(-L // Q)
+    x = jnp.pad(u, ((0, nC * Q - L), (0, 0), (0, 0))).reshape(nC, Q, batch * H)  # chunk c: x[c] (Q, batch*H)
+
+    def matmul(M, x):  # M (m, k) times each chunk's x (k, batch*H) -> (nC, m, batch*H); M is copied once per
+        M = jnp.broadcast_to(M.astype(u.dtype), x.shape[:1] + M.shape)  # chunk, so that XLA runs a batched
+        return jnp.einsum("cmk,ckn->cmn", M, x)  # matmul rather than transposing x to put the chunks in columns
+
+    T, S, E = chunk_matrices(p, Q, reverse)
+    y = matmul(T, x)  # (nC, Q, batch*H)
+    if nC > 1:  # the matmuls over the N modes run on stacked real and imaginary parts (2N rows)
+        A, _, _, dt = ssm_parameters(p)
+        N = A.shape[0]
+        g = matmul(S.reshape(2 * N, Q), x)  # (nC, 2N, batch*H)
+        c = jnp.arange(nC)
+        d = (c[None, :] - 1 - c[:, None]) if reverse else (c[:, None] - 1 - c[None, :])  # whole chunks between
+        M = jnp.where((d >= 0)[..., None], jnp.exp((jnp.maximum(d, 0)[..., None] * Q * dt) * A), 0)  # (nC, nC, N)
+        # h[c] = sum_c' M[c, c'] g[c'] (complex, per mode) as one real matmul over all chunks at once: each
+        # complex factor m becomes the block [[Re m, -Im m], [Im m, Re m]] acting on stacked (Re g, Im g).
+        diag = lambda m: m[..., None] * jnp.eye(N)  # (nC, nC, N, N)
+        R = jnp.block([[diag(M.real), diag(-M.imag)], [diag(M.imag), diag(M.real)]])  # (nC, nC, 2N, 2N)
+        R = R.transpose(0, 2, 1, 3).reshape(nC * 2 * N, nC * 2 * N)
+        h = jnp.dot(R.astype(u.dtype), g.reshape(nC * 2 * N, -1)).reshape(nC, 2 * N, -1)  # (Re h, Im h)
+        E = E.transpose(1, 0, 2).reshape(Q, 2 * N)  # (Q, 2N)
+        y = y.astype(jnp.float32) + matmul(E, h).astype(jnp.float32)  # + Re(E h)
+    return y.reshape(nC * Q, batch, H)[:L].astype(u.dtype)
+
+
+# 5b. ---------------------------------------------------------------------------------------------------
+# The chunked form as one GPU kernel. XLA runs ssm_chunked's state as separate matmuls, slices and sums,
+# each a pass over the activations; here each program takes SCAN_CHANNELS channels of one sequence
+# through its chunks in order and keeps the state in registers:
+#   y[c] = T x[c] + Re(E h[c]),   h[c+1] = Abar^Q h[c] + S x[c]   (h[0] = 0; complex h as Re, Im).
+# Its transpose (the backward pass) is the same loop run the other way with T^T, E^T and S^T swapped and
+# conj(Abar^Q). The matrices are read once per program, not re-read from memory for every chunk, and
+# each chunk's x is loaded while the one before is computed. Up to 2 x 512 tokens the Toeplitz matmul
+# of ssm_chunked is faster, so the kernel takes longer sequences only.
+SCAN_CHANNELS = 64
+
+
+def on_one_gpu():
+    """Where this file's kernels run compiled: one GPU (XLA cannot split a kernel over a mesh, it would
+    gather the activations). Elsewhere the same sums run as XLA operations; the tests interpret the kernels."""
+    return jax.default_backend() == "gpu" and jax.device_count() == 1
+
+
+def compiled_on_gpu(num_warps):
+    """pallas_call's arguments for this file's kernels: compiled by Triton on a GPU with num_warps warps,
+    interpreted elsewhere (the tests on the CPU)."""
+    if jax.default_backend() != "gpu":
+        return {"interpret": True}
+    from jax.experimental.pallas import triton as pltriton
+    return {"compiler_params": pltriton.CompilerParams(num_warps=num_warps, num_stages=1)}
+
+
+def use_scan_kernel(u):
+    """Where the kernel is measured to win: one GPU, in bfloat16, H a multiple of SCAN_CHANNELS."""
+    return on_one_gpu() and u.dtype == jnp.bfloat16 and u.shape[-1] % SCAN_CHANNELS == 0
+
+
+def scan_kernel(x_ref, T_ref, Sr_ref, Si_ref, Er_ref, Ei_ref, ar_ref, ai_ref, y_ref, xh_ref, *, reverse):
+    """x_ref, y_ref: (nC, Q, bh) one sequence's channels; xh_ref: (nC, Q + 2N, bh) each chunk's x over the
+    state before it (Re h; Im h), kept for the gradients; Er, Ei: the real and imaginary parts' maps,
+    Re(E h) = Er hr + Ei hi."""
+    nC, Q, N, f32 = x_ref.shape[0], x_ref.shape[1], Sr_ref.shape[0], jnp.float32
+    T, Sr, Si, Er, Ei = (r[...] for r in (T_ref, Sr_ref, Si_ref, Er_ref, Ei_ref))  # read once, not per chunk
+    ar, ai = ar_ref[...], ai_ref[...]  # (N, 1): Abar^Q
+    chunk_at = lambda k: jnp.clip(nC - 1 - k if reverse else k, 0, nC - 1)  # the k-th chunk visited
+
+    def chunk(k, carry):
+        hr, hi, x = carry  # (N, bh) float32, and x[c] (Q, bh), loaded one step ahead
+        c = chunk_at(k)
+        x_next = x_ref[chunk_at(k + 1)]  # issued now, used next step: its load overlaps this chunk's matmuls
+        xh_ref[c, :Q], xh_ref[c, Q:Q + N], xh_ref[c, Q + N:] = x, hr.astype(x.dtype), hi.astype(x.dtype)
+        dot = lambda M, z: jnp.dot(M, z.astype(x.dtype), preferred_element_type=f32)
+        y_ref[c] = (dot(T, x) + dot(Er, hr) + dot(Ei, hi)).astype(y_ref.dtype)
+        return ar * hr - ai * hi + dot(Sr, x), ai * hr + ar * hi + dot(Si, x), x_next
+
+    zero = jnp.zeros((N, x_ref.shape[2]), f32)
+    jax.lax.fori_loop(0, nC, chunk, (zero, zero, x_ref[chunk_at(0)]))
+
+
+def scan_call(x, T, S, E, a, reverse):
+    """Runs scan_kernel over (sequence, block of channels). x (nC, Q, batch, H); T, S, E from chunk_matrices;
+    a (2, N) = Abar^Q's (Re, Im). -> y like x, and x over the states, (nC, Q + 2N, batch, H)."""
+    from jax.experimental import pallas as pl
+    nC, Q, batch, H = x.shape
+    N, bh, cdt = S.shape[1], SCAN_CHANNELS, x.dtype
+    whole = lambda *shape: pl.BlockSpec(shape, lambda s, j: (0,) * len(shape))
+    xs, xhs = (pl.BlockSpec((nC, m, None, bh), lambda s, j: (0, 0, s, j)) for m in (Q, Q + 2 * N))
+    return pl.pallas_call(
+        functools.partial(scan_kernel, reverse=reverse), grid=(batch, H // bh),
+        in_specs=[xs, whole(Q, Q), whole(N, Q), whole(N, Q), whole(Q, N), whole(Q, N), whole(N, 1), whole(N, 1)],
+        out_specs=[xs, xhs],
+        out_shape=[jax.ShapeDtypeStruct(x.shape, cdt), jax.ShapeDtypeStruct((nC, Q + 2 * N, batch, H), cdt)],
+        **compiled_on_gpu(num_warps=4),
+    )(x, *(m.astype(cdt) for m in (T, S[0], S[1], E[0], E[1])), *(r[:, None].astype(jnp.float32) for r in a))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def chunk_scan(x, T, S, E, a, reverse):
+    return scan_call(x, T, S, E, a, reverse)[0]
+
+
+def chunk_scan_forward(x, T, S, E, a, reverse):
+    y, xh = scan_call(x, T, S, E, a, reverse)
+    return y, (T, S, E, a, xh)
+
+
+def chunk_scan_backward(reverse, saved, dy):
+    """dx[c] = T^T dy[c] + S^T lam[c+1],  lam[c] = conj(Abar^Q) lam[c+1] + E^T dy[c]: the kernel run the other
+    way. With lam (the gradient of the state after each chunk) stacked under dy as the kernel writes them,
+    every gradient of the matrices is a block of one Gram matrix,  G = sum_c [dy; lam][c] [x; h][c]^T:
+    dT = sum dy x^T,  dE = sum dy h^T,  dS = sum lam x^T,  and da from the diagonals of sum lam h^T
+    (da = sum conj(h) lam, per mode). One pass over the four arrays instead of one per product."""
+    T, S, E, a, xh = saved  # xh, dyl: (nC, Q + 2N, batch, H), the states as real parts over imaginary
+    Q, N = T.shape[0], S.shape[1]
+    swap = lambda M: M.transpose(0, 2, 1)
+    dx, dyl = scan_call(dy, T.T, swap(E), swap(S), a * jnp.array([1, -1])[:, None], not reverse)
+    # one matmul per chunk over all sequences and channels (batch*H), then summed over the chunks
+    G = jnp.einsum("cibh,cjbh->cij", dyl, xh, preferred_element_type=jnp.float32).sum(0)  # (Q + 2N, Q + 2N)
+    dS = G[Q:, :Q].reshape(2, N, Q)
+    dE = G[:Q, Q:].reshape(Q, 2, N).transpose(1, 0, 2)
+    d = jnp.diagonal(G[Q:, Q:].reshape(2, N, 2, N), axis1=1, axis2=3)  # (2, 2, N): d[p, q] = sum lam_p h_q
+    da = jnp.stack([d[0, 0] + d[1, 1], d[1, 0] - d[0, 1]])  # (Re, Im) = (lr hr + li hi, li hr - lr hi)
+    return dx, G[:Q, :Q].astype(T.dtype), dS.astype(S.dtype), dE.astype(E.dtype), da.astype(a.dtype)
+
+
+chunk_scan.defvjp(chunk_scan_forward, chunk_scan_backward)
+
+
+def ssm_scan(p, u, reverse=False, Q=128):
+    """ssm_chunked's sum by the kernel above, equal to `ssm` in values and gradients (test:
+    test_scan_kernel_interpreted_equals_fft_form).  u, y: (L, batch, H), H a multiple of SCAN_CHANNELS."""
+    L, batch, H = u.shape
+    nC = -(-L // Q)
+    x = jnp.pad(u, ((0, nC * Q - L), (0, 0), (0, 0))).reshape(nC, Q, batch, H)
+    A, _, _, dt = ssm_parameters(p)
+    T, S, E = chunk_matrices(p, Q, reverse)
+    a = jnp.exp((Q * dt) * A)  # (N,): a whole chunk
+    y = chunk_scan(x, T, S, E, jnp.stack([a.real, a.imag]), reverse)
+    return y.reshape(nC * Q, batch, H)[:L]
+
+
+# 5c. ---------------------------------------------------------------------------------------------------
+# The block's LayerNorm with its backward pass written out. Autodiff's backward pass, as XLA compiles it,
+# makes several passes over the activations; written out it is one pass per row, which on one GPU is a
+# kernel. Since the residual path x + O(...) meets LayerNorm's input, the same pass adds the residual's
+# gradient dres:
+#   xhat = (x - mean) rstd,   dx = dres + rstd (g s - mean(g s) - xhat mean(g s xhat)),
+#   dscale = sum over tokens of g xhat,   dbias = sum of g    (g: the output's gradient, s: the scale,
+#   means over the H features).
+
+
+def layer_norm_grad(x, g, scale, eps):
+    """For rows x (..., H) and their output's gradient g: LayerNorm's input gradient, and g xhat."""
+    mean, rstd = moments(x, eps)
+    xhat = (x - mean) * rstd
+    gs = g * scale
+    return rstd * (gs - gs.mean(-1, keepdims=True) - xhat * (gs * xhat).mean(-1, keepdims=True)), g * xhat
+
+
+# A program takes NORM_STEPS steps of NORM_ROWS rows (held in registers by 4 warps) and sums over its rows.
+NORM_ROWS, NORM_STEPS = 4, 32
+
+
+def norm_kernel(x_ref, g_ref, dres_ref, scale_ref, dx_ref, dscale_ref, dbias_ref, *, eps):
+    """x, g, dres, dx: (128, H) rows; scale: (1, H); dscale, dbias: (1, H) this program's sums."""
+    from jax.experimental import pallas as pl
+
+    def step(i, sums):
+        rows = pl.ds(i * NORM_ROWS, NORM_ROWS)
+        g = g_ref[rows, :].astype(jnp.float32)
+        dx, gxhat = layer_norm_grad(x_ref[rows, :], g, scale_ref[...], eps)
+        dx_ref[rows, :] = dres_ref[rows, :] + dx
+        return sums[0] + gxhat.sum(0, keepdims=True), sums[1] + g.sum(0, keepdims=True)
+
+    zero = jnp.zeros(scale_ref.shape, jnp.float32)
+    dscale_ref[...], dbias_ref[...] = jax.lax.fori_loop(0, NORM_STEPS, step, (zero, zero))
+
+
+def norm_call(x, g, dres, scale, eps):
+    """Runs norm_kernel over blocks of rows, the last one padded with zero rows (whose gradients are 0).
+    x, dres: (T, H) float32, g: (T, H), scale: (H,) -> dx (T, H), dscale, dbias (H,)."""
+    from jax.experimental import pallas as pl
+    T, H = x.shape
+    R = NORM_ROWS * NORM_STEPS
+    nP = -(-T // R)
+    rows, sums = pl.BlockSpec((R, H), lambda i: (i, 0)), pl.BlockSpec((None, 1, H), lambda i: (i, 0, 0))
+    dx, dscale, dbias = pl.pallas_call(
+        functools.partial(norm_kernel, eps=eps), grid=(nP,),
+        in_specs=[rows, rows, rows, pl.BlockSpec((1, H), lambda i: (0, 0))], out_specs=[rows, sums, sums],
+        out_shape=[jax.ShapeDtypeStruct((nP * R, H), jnp.float32)] + 2 * [jax.ShapeDtypeStruct((nP, 1, H), jnp.float32)],
+        **compiled_on_gpu(num_warps=4),
+    )(*(jnp.pad(a, ((0, nP * R - T), (0, 0))) for a in (x, g, dres)), scale[None].astype(jnp.float32))
+    return dx[:T], dscale.sum((0, 1)), dbias.sum((0, 1))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def pre_norm(p, x, eps, dtype):
+    """(x, LayerNorm(x) in dtype), x float32: x passes through unchanged so that the backward pass receives
+    the residual path's gradient with LayerNorm's, and sums them in its one pass. Equal to autodiff of
+    `layer_norm` (test: test_pre_norm_backward_equals_autodiff)."""
+    return x, layer_norm(p, x, eps).astype(dtype)
+
+
+def pre_norm_forward(p, x, eps, dtype):
+    return pre_norm(p, x, eps, dtype), (p["scale"], x)
+
+
+def pre_norm_backward(eps, dtype, saved, grads):
+    scale, x = saved
+    (dres, g), H = grads, x.shape[-1]
+    x2, g2, dres2 = (a.reshape(-1, H) for a in (x, g, dres))  # (tokens, H)
+    if on_one_gpu() and H & (H - 1) == 0:  # Triton's blocks are powers of 2 (BiGS-large: H = 1024)
+        dx, dscale, dbias = norm_call(x2, g2, dres2, scale, eps)
+    else:
+        g2 = g2.astype(jnp.float32)
+        dx, gxhat = layer_norm_grad(x2, g2, scale, eps)
+        dx, dscale, dbias = dres2 + dx, gxhat.sum(0), g2.sum(0)
+    return {"scale": dscale, "bias": dbias}, dx.reshape(x.shape)
+
+
+pre_norm.defvjp(pre_norm_forward, pre_norm_backward)
+
+
+# 5d. ---------------------------------------------------------------------------------------------------
+# The tanh GELU with a backward pass that keeps only its input: autodiff would keep the tanh and the
+# product before it, two arrays to read back instead of one.
+
+
+@jax.custom_vjp
+def gelu_fast(x):
+    """jax.nn.gelu(x, approximate=True), whose autodiff gradient this one's equals (test:
+    test_gelu_backward_is_the_derivative_of_gelu)."""
+    return jax.nn.gelu(x, approximate=True)
+
+
+def gelu_forward(x):
+    return gelu_fast(x), x
+
+
+def gelu_backward(x, g):  # d/dx gelu = 0.5 (1 + t) + 0.5 x (1 - t^2) c (1 + 3 a x^2),  t = tanh(c (x + a x^3))
+    x, c, a = x.astype(jnp.float32), np.sqrt(2 / np.pi), 0.044715
+    t = jnp.tanh(c * (x + a * x**3))
+    return ((g * (0.5 * (1 + t) + 0.5 * x * (1 - t * t) * c * (1 + 3 * a * x * x))).astype(g.dtype),)
+
+
+gelu_fast.defvjp(gelu_forward, gelu_backward)

@@ -193,7 +193,7 @@ def load_task_data(args, task):
             for split in ("train",) + task.eval_splits}
 
 
-def encode(tok, data, max_len):
+def tokenize(tok, data, max_len):
     """Token ids and token types (0 for the first text, 1 for the second) of each example, truncated."""
     tok.enable_truncation(max_len)
     pairs = list(zip(*data["texts"])) if len(data["texts"]) == 2 else data["texts"][0]
@@ -201,9 +201,12 @@ def encode(tok, data, max_len):
     return [(np.asarray(e.ids, np.int32), np.asarray(e.type_ids, np.int32)) for e in encodings]
 
 
-def pad_batch(examples, multiple=32):
-    """(ids, attention mask, token types), each (B, L), L the longest rounded up to a multiple of 32."""
-    L = -(-max(len(ids) for ids, _ in examples) // multiple) * multiple
+PAD_MULTIPLE = 32  # batches are padded to their longest sequence rounded up to this: few shapes to compile
+
+
+def pad_batch(examples):
+    """(ids, attention mask, token types), each (batch, L), L the longest rounded up to PAD_MULTIPLE."""
+    L = -(-max(len(ids) for ids, _ in examples) // PAD_MULTIPLE) * PAD_MULTIPLE
     ids, mask, types = (np.zeros((len(examples), L), np.int32) for _ in range(3))
     for i, (x, t) in enumerate(examples):
         ids[i, :len(x)], mask[i, :len(x)], types[i, :len(x)] = x, 1, t
@@ -272,14 +275,10 @@ def make_steps(config, args, params, shardings, mesh, regression, total_steps):
     data = NamedSharding(mesh, P("data"))
 
     def train_step(state, batch):
-        step = state["step"] + 1
-        rng = jax.random.fold_in(state["key"], step)
+        rng = jax.random.fold_in(state["key"], state["step"] + 1)
         (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], config, regression, batch, rng)
-        grads, _ = train.clip_by_global_norm(grads, args.clip_grad)
-        lr = train.learning_rate(step, args.lr, warmup, total_steps)
-        p, opt = train.adamw_update(state["params"], grads, state["opt"], step, lr, groups, args.beta1, args.beta2,
-                                    args.eps, args.weight_decay)
-        return dict(state, params=p, opt=opt, step=step), {"loss": loss, "lr": lr}
+        state, lr, _ = train.apply_gradients(state, grads, groups, args, warmup, total_steps)
+        return state, {"loss": loss, "lr": lr}
 
     def predict(params, batch):
         return loss_fn(params, config, regression, batch, None)[1]
@@ -288,21 +287,21 @@ def make_steps(config, args, params, shardings, mesh, regression, total_steps):
             jax.jit(predict, in_shardings=(shardings["params"], data)))
 
 
-def batches(examples, labels, batch_size, order, multiple_of):
+def batches(examples, labels, batch_size, order):
     """Padded batches in the given order; the last is filled up with weight-0 copies to a whole batch."""
     for i in range(0, len(order), batch_size):
         idx = order[i:i + batch_size]
         weights = np.ones(batch_size, np.float32)
         weights[len(idx):] = 0
         idx = np.concatenate([idx, np.repeat(idx[:1], batch_size - len(idx))])
-        ids, mask, types = pad_batch([examples[j] for j in idx], multiple_of)
+        ids, mask, types = pad_batch([examples[j] for j in idx])
         yield ids, mask, types, labels[idx], weights
 
 
 def evaluate(predict, params, task, examples, labels, batch_size, mesh):
     outputs = []
     sharding = NamedSharding(mesh, P("data"))
-    for batch in batches(examples, labels, batch_size, np.arange(len(examples)), 32):
+    for batch in batches(examples, labels, batch_size, np.arange(len(examples))):
         logits = predict(params, tuple(train.global_array(x, sharding) for x in batch))
         outputs.append(np.asarray(logits)[batch[4] > 0])
     logits = np.concatenate(outputs)
@@ -358,7 +357,7 @@ def run(args):
     out = train.output_folder(args.out or os.path.join("runs", f"finetune-{args.task}"))
     data = load_task_data(args, task)
     config, params, tok = load_model(args, task, 1 if regression else len(task.labels))
-    examples = {split: encode(tok, d, args.max_seq_length) for split, d in data.items()}
+    examples = {split: tokenize(tok, d, args.max_seq_length) for split, d in data.items()}
 
     n_train = len(examples["train"])
     steps_per_epoch = max(1, -(-n_train // args.batch_size))
@@ -376,7 +375,7 @@ def run(args):
     bar = tqdm(total=total, unit="step", dynamic_ncols=True, mininterval=1.0)
     t0, step = time.perf_counter(), 0
     while step < total:
-        for batch in batches(examples["train"], data["train"]["label"], args.batch_size, rng.permutation(n_train), 32):
+        for batch in batches(examples["train"], data["train"]["label"], args.batch_size, rng.permutation(n_train)):
             state, m = train_step(state, tuple(train.global_array(x, data_sharding) for x in batch))
             step += 1
             bar.update(1)

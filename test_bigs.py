@@ -59,7 +59,7 @@ def test_equals_official(case, head_dir, head, key):
     assert max_rel(out, ref) < 2e-5
 
 
-def test_each_layer_equals_official():
+def test_embeddings_layers_encoder_and_pooler_equal_official():
     config, params = official("mlm")
     hs = IO["mlm_hidden_states"]  # (layers + 1, B, L, H)
     x = bigs.embed(params["embeddings"], config, IO["input_ids"].T, IO["token_type_ids"].T, rng=None)
@@ -161,8 +161,8 @@ def test_chunked_matmul_form_equals_fft_form(L, Q):
 
 
 @pytest.mark.parametrize("L,Q", [(1, 32), (100, 32), (300, 64), (1000, 128)])
-def test_gpu_scan_kernel_equals_fft_form(L, Q):
-    """On GPUs, long sequences run ssm_scan: the chunked form as one Pallas kernel whose gradient is the
+def test_scan_kernel_interpreted_equals_fft_form(L, Q):
+    """On one GPU, long sequences run ssm_scan: the chunked form as one Pallas kernel whose gradient is the
     same kernel run the other way. Here it runs interpreted on the CPU: values and gradients equal the
     FFT form computed in float64, in both directions."""
     p = random_ssm(jax.random.key(L), N=16, log_step=-3.0)
@@ -187,16 +187,16 @@ def test_gpu_scan_kernel_equals_fft_form(L, Q):
 
 
 def test_gelu_backward_is_the_derivative_of_gelu():
-    """bigs.gelu has a hand-written backward pass (it keeps only its input): it equals autodiff of the
+    """bigs.gelu_fast has a hand-written backward pass (it keeps only its input): it equals autodiff of the
     tanh GELU and a float64 central difference, and in bfloat16 it stays bfloat16 and close."""
     x = 3 * jax.random.normal(jax.random.key(0), (1000,))
     g = jax.random.normal(jax.random.key(1), (1000,))
-    mine = jax.vjp(bigs.gelu, x)[1](g)[0]
+    mine = jax.vjp(bigs.gelu_fast, x)[1](g)[0]
     assert max_rel(mine, jax.vjp(lambda x: jax.nn.gelu(x, approximate=True), x)[1](g)[0]) < 1e-6
     f = lambda x: 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
     x64, h = np.float64(x), 1e-6
     assert max_rel(mine, (f(x64 + h) - f(x64 - h)) / (2 * h) * np.float64(g)) < 1e-6
-    half = jax.vjp(bigs.gelu, x.astype(jnp.bfloat16))[1](g.astype(jnp.bfloat16))[0]
+    half = jax.vjp(bigs.gelu_fast, x.astype(jnp.bfloat16))[1](g.astype(jnp.bfloat16))[0]
     assert half.dtype == jnp.bfloat16 and 1e-5 < max_rel(half, mine) < 1e-2
 
 
@@ -249,12 +249,17 @@ def test_hippo_initialisation():
     np.testing.assert_allclose(np.sort(np.linalg.eigvals(S).imag), bigs.hippo_imag(N), atol=1e-9)
 
 
-def test_lin_inv_initialisation_and_statistics():
+def test_lin_and_inv_initialisation():
     N = 4
     np.testing.assert_allclose(bigs.ssm_init(jax.random.key(0), N, "lin")["A_im"], np.pi * np.arange(N), rtol=1e-6)
     n = np.arange(N)
     np.testing.assert_allclose(bigs.ssm_init(jax.random.key(0), N, "inv")["A_im"],
                                N / np.pi * (N / (2 * n + 1) - 1), rtol=1e-6)
+    with pytest.raises(ValueError, match="scaling"):
+        bigs.init_params(dataclasses.replace(bigs.PRESETS["tiny"], scaling="diag"), jax.random.key(0))
+
+
+def test_initial_parameter_statistics():
     config = dataclasses.replace(bigs.PRESETS["tiny"], vocab_size=5000, num_ssm=64, num_hidden_layers=8)
     p = bigs.init_params(config, jax.random.key(0))
     assert abs(float(p["embeddings"]["word"].std()) - 0.02) < 1e-3
@@ -264,8 +269,6 @@ def test_lin_inv_initialisation_and_statistics():
     assert np.all(ssm["A_re"] == -0.5) and np.all(ssm["D"] == 1)
     assert np.log(0.01) <= float(ssm["log_step"].min()) and float(ssm["log_step"].max()) <= 0
     assert float(ssm["log_step"].std()) > 0.5  # drawn per layer, not one value for all
-    with pytest.raises(ValueError, match="scaling"):
-        bigs.init_params(dataclasses.replace(config, scaling="diag"), jax.random.key(0))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -295,20 +298,45 @@ def test_every_head_jits_and_differentiates(head):
     for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(eager)):
         np.testing.assert_allclose(a, b, atol=1e-5)
 
-    def loss(params, rng, config=TINY):
-        out = bigs.forward(params, config, ids, mask, head=head, train=True, rng=rng)
-        return sum(jnp.sum(jnp.sin(o)) for o in jax.tree.leaves(out))
-
-    grads = jax.jit(jax.grad(loss))(params, jax.random.key(2))
+    grads = jax.jit(jax.grad(head_loss(head, TINY, ids, mask)))(params, jax.random.key(2))
     for path, g in bigs.flatten(grads).items():
         assert np.all(np.isfinite(g)), path
     for name in ("log_step", "A_im", "C"):  # gradients reach both SSMs of every layer
         for direction in ("ssm_f", "ssm_b"):
             assert np.all(np.abs(grads["layers"][direction][name]).max(axis=-1) > 0), (direction, name)
-    # remat recomputes each layer in the backward pass instead of keeping its activations: same gradients
-    remat = jax.jit(jax.grad(lambda p, r: loss(p, r, dataclasses.replace(TINY, remat=True))))(params, jax.random.key(2))
+
+
+def head_loss(head, config, ids, mask):
+    """A scalar of every output of a head, with dropout drawn from rng: loss(params, rng)."""
+    def loss(params, rng):
+        out = bigs.forward(params, config, ids, mask, head=head, train=True, rng=rng)
+        return sum(jnp.sum(jnp.sin(o)) for o in jax.tree.leaves(out))
+    return loss
+
+
+def test_remat_gives_the_same_gradients():
+    """remat recomputes each layer in the backward pass instead of keeping its activations."""
+    params = bigs.init_params(TINY, jax.random.key(0), "mlm")
+    ids, mask = head_inputs("mlm", jax.random.key(1))
+    grads, remat = (jax.jit(jax.grad(head_loss("mlm", config, ids, mask)))(params, jax.random.key(2))
+                    for config in (TINY, dataclasses.replace(TINY, remat=True)))
     for (path, g), r in zip(bigs.flatten(grads).items(), bigs.flatten(remat).values()):
         np.testing.assert_allclose(r, g, rtol=1e-4, atol=1e-6, err_msg=path)
+
+
+@pytest.mark.parametrize("head", bigs.HEADS)
+def test_reference_forms_equal_fast_forms(head):
+    """Config(fast=False) runs the model on the reference forms alone (the FFT convolution, autodiff of
+    LayerNorm and of the tanh GELU): every head's outputs and gradients equal those of the fast forms."""
+    params = bigs.init_params(TINY, jax.random.key(0), head)
+    ids, mask = head_inputs(head, jax.random.key(1))
+    (fast, fast_grads), (ref, ref_grads) = (
+        (bigs.forward(params, config, ids, mask, head=head), jax.grad(head_loss(head, config, ids, mask))(
+            params, jax.random.key(2))) for config in (TINY, dataclasses.replace(TINY, fast=False)))
+    for a, b in zip(jax.tree.leaves(fast), jax.tree.leaves(ref)):
+        assert max_rel(a, b) < 1e-5
+    for (path, a), b in zip(bigs.flatten(fast_grads).items(), bigs.flatten(ref_grads).values()):
+        assert max_rel(a, b) < 1e-4, path
 
 
 def test_multiple_choice_scores_each_choice_as_its_own_sequence():
@@ -378,6 +406,17 @@ def test_save_and_load_round_trip(head, tmp_path):
     assert jax.tree.structure(params2) == jax.tree.structure(params)
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params2)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_config_json_holds_the_model_not_the_run_settings(tmp_path):
+    run = dataclasses.replace(TINY, dtype="bfloat16", remat=True, fast=False)
+    bigs.save_pretrained(tmp_path, run, bigs.init_params(TINY, jax.random.key(0)))
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert not set(bigs.RUN_SETTINGS) & set(saved) and saved["hidden_size"] == 32
+    assert bigs.from_pretrained(str(tmp_path))[0] == TINY
+    assert bigs.from_pretrained(str(tmp_path), dtype="bfloat16", remat=True, fast=False)[0] == run
+    (tmp_path / "config.json").write_text(json.dumps(dict(saved, dtype="bfloat16", remat=True)))  # older files
+    assert bigs.from_pretrained(str(tmp_path))[0] == TINY
 
 
 def test_saved_checkpoint_is_the_official_layout(tmp_path):
@@ -515,11 +554,14 @@ def test_adamw_equals_the_textbook_formula():
             np.testing.assert_allclose(x, ref[k], rtol=1e-5, atol=1e-7, err_msg=k)
 
 
-def test_learning_rate_schedule_and_clipping():
+def test_learning_rate_warmup_then_linear_decay():
     lr = lambda s: float(train.learning_rate(s, 1e-3, 10, 110))
     assert lr(1) == pytest.approx(1e-4) and lr(10) == pytest.approx(1e-3)  # warmup ends at the peak
     assert lr(11) == pytest.approx(1e-3 * 99 / 100) and lr(60) == pytest.approx(5e-4)
     assert lr(110) == 0.0 and lr(0) == 0.0
+
+
+def test_clip_by_global_norm():
     grads = {"a": jnp.array([3.0, 0.0]), "b": jnp.array([[4.0]])}
     clipped, norm = train.clip_by_global_norm(grads, 1.0)
     assert float(norm) == pytest.approx(5.0)
@@ -595,7 +637,8 @@ def test_a_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, corpus, mo
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, corpus, capsys):
     assert run_train(tmp_path, corpus, "--lr", "1e30", "--warmup", "1", "--save_every", "1", "--clip_grad",
                      "1e30") == 1
-    assert "loss is nan" in capsys.readouterr().err or "loss is inf" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "loss is nan" in err or "loss is inf" in err
     state = json.loads((tmp_path / "run" / "checkpoint" / "train_state.json").read_text())
     config, params = bigs.from_pretrained(str(tmp_path / "run" / "checkpoint"))
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params)) and state["step"] >= 1
@@ -623,20 +666,30 @@ def test_bad_input_gets_a_one_line_error_before_any_work(tmp_path, corpus, capsy
         assert not os.path.exists(tmp_path / "bad" / "metrics.jsonl")
 
 
-def test_checkpoint_is_a_bigs_checkpoint_with_tokenizer(tmp_path, corpus):
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory, corpus):
+    """The folder of a finished two-step run."""
+    tmp_path = tmp_path_factory.mktemp("short")
     assert run_train(tmp_path, corpus, "--steps", "2") == 0
+    return tmp_path / "run"
+
+
+def test_checkpoint_is_a_bigs_checkpoint_with_tokenizer(short_run):
     from tokenizers import Tokenizer
-    ckpt = tmp_path / "run" / "checkpoint"
+    ckpt = short_run / "checkpoint"
     config, params = bigs.from_pretrained(str(ckpt))
     tok = Tokenizer.from_file(str(ckpt / "tokenizer.json"))
     result = bigs.fill_mask(params, config, tok, "the capital of france is [MASK].", top_k=3)
     assert len(result) == 1 and len(result[0]) == 3
+
+
+def test_run_draws_pictures_and_plot_draws_them_again(short_run, tmp_path):
     for name in ("losses.png", "kernels.png"):  # drawn at the end of the run, and again on demand
-        path = tmp_path / "run" / name
+        path = short_run / name
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         path.unlink()
-    assert train.main(["--plot", str(tmp_path / "run")]) == 0
-    assert (tmp_path / "run" / "losses.png").exists() and (tmp_path / "run" / "kernels.png").exists()
+    assert train.main(["--plot", str(short_run)]) == 0
+    assert (short_run / "losses.png").exists() and (short_run / "kernels.png").exists()
     assert train.main(["--plot", str(tmp_path)]) == 2  # nothing to draw there
 
 

@@ -141,9 +141,9 @@ def special_ids(tok):
 def token_blocks(texts, tok, seq_len, cache_path):
     """Tokenise every document (datasets.map, cached at cache_path), join them with [SEP] and cut the stream
     into blocks [CLS] t_1 .. t_{seq_len-2} [SEP].  -> (num_blocks, seq_len) int32."""
-    def encode(batch):
+    def tokenize(batch):
         return {"ids": [e.ids for e in tok.encode_batch(batch["text"], add_special_tokens=False)]}
-    ids = texts.map(encode, batched=True, remove_columns=["text"], cache_file_name=cache_path)
+    ids = texts.map(tokenize, batched=True, remove_columns=["text"], cache_file_name=cache_path)
     sep, cls = tok.token_to_id("[SEP]"), tok.token_to_id("[CLS]")
     docs = [d for d in ids.with_format("numpy")["ids"] if len(d)]
     stream = np.concatenate([np.append(d, sep) for d in docs]) if docs else np.zeros(0, np.int32)
@@ -275,6 +275,17 @@ def clip_by_global_norm(grads, max_norm):
     return jax.tree.map(lambda g: g * scale, grads), norm
 
 
+def apply_gradients(state, grads, groups, args, warmup, total):
+    """What follows the gradients in train.py's step and finetune.py's: clip their global norm to
+    args.clip_grad, take this update's learning rate, apply AdamW.  -> (new state, lr, norm before clipping)."""
+    step = state["step"] + 1
+    grads, grad_norm = clip_by_global_norm(grads, args.clip_grad)
+    lr = learning_rate(step, args.lr, warmup, total)
+    params, opt = adamw_update(state["params"], grads, state["opt"], step, lr, groups, args.beta1, args.beta2,
+                               args.eps, args.weight_decay)
+    return dict(state, params=params, opt=opt, step=step), lr, grad_norm
+
+
 # ----------------------------------------------------------------------------------------------------
 # The device mesh and named shardings.
 
@@ -345,12 +356,9 @@ def make_train_step(config, args, specials, mask_id, params, shardings, mesh):
 
         zeros = jax.tree.map(jnp.zeros_like, state["params"])
         grads, (losses, corrects) = jax.lax.scan(micro, zeros, (jnp.arange(tokens.shape[0]),) + masked)
-        grads, grad_norm = clip_by_global_norm(grads, args.clip_grad)
-        lr = learning_rate(step, args.lr, args.warmup, args.steps)
-        params, opt = adamw_update(state["params"], grads, state["opt"], step, lr, groups, args.beta1, args.beta2,
-                                   args.eps, args.weight_decay)
+        state, lr, grad_norm = apply_gradients(state, grads, groups, args, args.warmup, args.steps)
         metrics = {"loss": jnp.sum(losses), "accuracy": jnp.sum(corrects) / count, "lr": lr, "grad_norm": grad_norm}
-        return dict(state, params=params, opt=opt, step=step), metrics
+        return state, metrics
 
     batch = NamedSharding(mesh, P(None, "data"))
     return jax.jit(train_step, in_shardings=(shardings, batch), out_shardings=(shardings, None), donate_argnums=0)
@@ -446,7 +454,7 @@ def load_checkpoint(out):
 # Pictures: the loss curves of a run, and what each layer's two SSMs learned.
 
 
-def plot_run(out, kernel_length=256):
+def plot_run(out):
     """Writes out/losses.png (train and eval masked-LM loss by step) and out/kernels.png (each layer's
     forward and backward SSM kernels) for a run folder or a checkpoint folder. Returns the paths."""
     import matplotlib
@@ -475,6 +483,7 @@ def plot_run(out, kernel_length=256):
         config, params = bigs.from_pretrained(checkpoint)
         n = config.num_hidden_layers
         fig, axes = plt.subplots(n, 1, figsize=(8, 1.8 * n + 0.8), sharex=True, squeeze=False)
+        kernel_length = 256  # lags drawn
         lags = np.arange(kernel_length)
         for i, (ax, layer) in enumerate(zip(axes[:, 0], bigs.unstack(params["layers"], n))):
             # output t reads token t - lag through the forward SSM and t + lag through the backward one
@@ -587,8 +596,9 @@ def train_flops_per_token(config, seq_len):
     return 6 * (config.num_hidden_layers * per_layer + head)
 
 
-def benchmark(args, config, train_step, state, mesh, steps=10):
-    rng = np.random.default_rng(0)
+def benchmark(args, config, train_step, state, mesh):
+    """Times 10 train steps on random tokens, after the compile and one more warm-up step; prints one JSON line."""
+    steps, rng = 10, np.random.default_rng(0)
     shape = (args.grad_accum, args.batch_size // args.grad_accum, args.seq_len)
     tokens = rng.integers(len(SPECIAL_TOKENS), config.vocab_size, shape, dtype=np.int32)
     tokens = global_array(tokens, NamedSharding(mesh, P(None, "data")))
@@ -634,9 +644,8 @@ def run(args):
         config, state, tok, saved = load_checkpoint(args.out)
         args = argparse.Namespace(**dict(saved["args"], resume=True, out=args.out))
     else:
-        config = bigs.PRESETS[args.model]
-        config = dataclasses.replace(config, dtype="bfloat16" if args.bf16 else config.dtype, remat=args.remat)
-        tok = None
+        config, tok = bigs.PRESETS[args.model], None
+    config = dataclasses.replace(config, dtype="bfloat16" if args.bf16 else "float32", remat=args.remat)
     mesh = make_mesh(args.mesh)
     check_args(args, config, mesh)
     if not args.benchmark:
