@@ -451,7 +451,11 @@ def save_msgpack(path, flat):
 def load_msgpack(path):
     import msgpack
     with open(path, "rb") as f:
-        return flatten(msgpack.unpackb(f.read(), ext_hook=_unpack_array, raw=False, strict_map_key=False))
+        data = f.read()
+    try:
+        return flatten(msgpack.unpackb(data, ext_hook=_unpack_array, raw=False, strict_map_key=False))
+    except (ValueError, TypeError, msgpack.UnpackException) as e:  # truncated or not msgpack
+        raise ValueError(f"{path}: not a complete Flax msgpack file ({e})") from e
 
 
 def write_atomic(path, data):
@@ -512,13 +516,20 @@ def from_pretrained(path_or_hub_id, **overrides):
         if os.path.exists(path) or path.count("/") != 1:
             raise FileNotFoundError(f"{path}: not a checkpoint folder (config.json + flax_model.msgpack) nor a hub id")
         import huggingface_hub
-        path = huggingface_hub.snapshot_download(path, allow_patterns=["config.json", "flax_model.msgpack"])
+        try:
+            path = huggingface_hub.snapshot_download(path, allow_patterns=["config.json", "flax_model.msgpack"])
+        except Exception as e:  # offline, or an id the hub does not have: many kinds of error
+            raise FileNotFoundError(f"{path}: no such folder, and the hub cannot give it "
+                                    f"({type(e).__name__}); offline, give a local checkpoint folder") from e
     files = [os.path.join(path, name) for name in ("config.json", "flax_model.msgpack")]
     for f in files:
         if not os.path.isfile(f):
             raise FileNotFoundError(f"{f}: missing (a checkpoint folder holds config.json and flax_model.msgpack)")
     with open(files[0]) as f:
-        d = json.load(f)
+        try:
+            d = json.load(f)
+        except ValueError as e:
+            raise ValueError(f"{files[0]}: not valid JSON ({e})") from e
     config = dataclasses.replace(config_from_json(d), **overrides)
     head = head_of(d)
     found = load_msgpack(files[1])

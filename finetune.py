@@ -188,7 +188,11 @@ def load_task_data(args, task):
             raise UsageError("--train_file and --validation_file go together")
         return {"train": read_file(task, args.train_file), task.eval_splits[0]: read_file(task, args.validation_file)}
     import datasets
-    glue = datasets.load_dataset("nyu-mll/glue", args.task)
+    train.check_hub(f"no --data_dir or --train_file for {args.task}")
+    try:
+        glue = datasets.load_dataset("nyu-mll/glue", args.task)
+    except Exception as e:
+        raise UsageError(f"cannot load GLUE {args.task} from the hub ({train.cause(e)})")
     return {split: from_rows(task, glue[split], f"nyu-mll/glue {args.task} {split}")
             for split in ("train",) + task.eval_splits}
 
@@ -229,7 +233,7 @@ def load_model(args, task, num_labels):
     path = args.model_name_or_path
     if path is None:
         raise UsageError("give --model_name_or_path (a checkpoint folder or hub id) or --init scratch")
-    config, loaded = bigs.from_pretrained(path)
+    config, loaded = train.load_pretrained(path)
     tok_spec = args.tokenizer or (os.path.join(path, "tokenizer.json")
                                   if os.path.isfile(os.path.join(path, "tokenizer.json")) else None)
     if tok_spec is None:
@@ -303,7 +307,7 @@ def evaluate(predict, params, task, examples, labels, batch_size, mesh):
     sharding = NamedSharding(mesh, P("data"))
     for batch in batches(examples, labels, batch_size, np.arange(len(examples))):
         logits = predict(params, tuple(train.global_array(x, sharding) for x in batch))
-        outputs.append(np.asarray(logits)[batch[4] > 0])
+        outputs.append(train.host(logits)[batch[4] > 0])
     logits = np.concatenate(outputs)
     pred = logits[:, 0] if task.labels is None else logits.argmax(-1)
     return {name: fn(pred, labels) for name, fn in task.metrics.items()}, pred
@@ -320,7 +324,8 @@ def parse_args(argv):
     p.add_argument("--data_dir", default=None, help="a GLUE task folder with train.tsv and dev.tsv")
     p.add_argument("--train_file", default=None, help="CSV or JSON lines with the hub's column names")
     p.add_argument("--validation_file", default=None)
-    p.add_argument("--max_seq_length", type=int, default=128)
+    p.add_argument("--max_seq_length", type=int, default=None,
+                   help="tokens per example, cut beyond; default: 128, or the model's positions if fewer")
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--epochs", type=float, default=3)
     p.add_argument("--lr", type=float, default=2e-5)
@@ -331,11 +336,31 @@ def parse_args(argv):
     p.add_argument("--eps", type=float, default=1e-6)
     p.add_argument("--clip_grad", type=float, default=1.0)
     p.add_argument("--freeze_ssm", action="store_true", help="keep the SSM parameters as pretrained")
+    p.add_argument("--bf16", action="store_true", help="bfloat16 matmuls; float32 weights and optimiser state")
+    p.add_argument("--remat", action="store_true", help="recompute each layer's activations in the backward pass")
     p.add_argument("--eval_every", type=int, default=None, help="steps between evaluations (default: each epoch)")
     p.add_argument("--mesh", default=None, help="as in train.py")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="default: runs/finetune-<task>")
-    return p.parse_args(argv)
+    train.add_process_flags(p)
+    args = p.parse_args(argv)
+    args.out = args.out or os.path.join("runs", f"finetune-{args.task}")
+    return args
+
+
+def check_args(args):
+    """The checks that need neither data nor model, before any work."""
+    if args.task not in TASKS:
+        raise UsageError(f"unknown task {args.task!r}; one of {', '.join(TASKS)}")
+    for name, ok, rule in (("batch_size", args.batch_size >= 1, "at least 1"), ("lr", args.lr > 0, "positive"),
+                           ("epochs", args.epochs >= 1, "at least 1"), ("clip_grad", args.clip_grad > 0, "positive"),
+                           ("warmup_ratio", 0 <= args.warmup_ratio <= 1, "in [0, 1]"),
+                           ("weight_decay", args.weight_decay >= 0, "at least 0"),
+                           ("eval_every", args.eval_every is None or args.eval_every >= 1, "at least 1")):
+        if not ok:
+            raise UsageError(f"--{name} {getattr(args, name)} must be {rule}")
+    train.check_writable(args.out)
+    train.check_no_run(args.out, resume_hint=False)
 
 
 def main(argv=None):
@@ -344,64 +369,83 @@ def main(argv=None):
     except UsageError as e:
         print(f"finetune.py: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\nfinetune.py: interrupted (finetuning keeps no checkpoint until it ends)", file=sys.stderr)
+        return 130
 
 
 def run(args):
-    if args.task not in TASKS:
-        raise UsageError(f"unknown task {args.task!r}; one of {', '.join(TASKS)}")
-    task = TASKS[args.task]
+    check_args(args)
+    train.start_processes(args)
+    task, out = TASKS[args.task], args.out
     regression = task.labels is None
     mesh = train.make_mesh(args.mesh)
     if args.batch_size % mesh.shape["data"]:
         raise UsageError(f"--batch_size {args.batch_size} must be a multiple of the {mesh.shape['data']} data devices")
-    out = train.output_folder(args.out or os.path.join("runs", f"finetune-{args.task}"))
     data = load_task_data(args, task)
     config, params, tok = load_model(args, task, 1 if regression else len(task.labels))
+    if args.max_seq_length is None:
+        args.max_seq_length = min(128, config.max_position_embeddings)
+    if not 1 <= args.max_seq_length <= config.max_position_embeddings:
+        raise UsageError(f"--max_seq_length {args.max_seq_length} must be in 1..{config.max_position_embeddings} "
+                         "(the model's max_position_embeddings)")
+    config = dataclasses.replace(config, dtype="bfloat16" if args.bf16 else "float32", remat=args.remat)
     examples = {split: tokenize(tok, d, args.max_seq_length) for split, d in data.items()}
 
-    n_train = len(examples["train"])
-    steps_per_epoch = max(1, -(-n_train // args.batch_size))
-    total = max(1, round(args.epochs * steps_per_epoch))
-    eval_every = args.eval_every or steps_per_epoch
+    total = max(1, round(args.epochs * -(-len(examples["train"]) // args.batch_size)))
     state, shardings = train.train_state(params, args.seed + 1, mesh)
     train_step, predict = make_steps(config, args, params, shardings, mesh, regression, total)
 
+    with train.claim(out):
+        if jax.process_index() == 0:
+            train.check_no_run(out, resume_hint=False)  # again, now that no other process can start one here
+        return train_and_evaluate(args, task, config, tok, state, train_step, predict, data, examples, mesh, total)
+
+
+def train_and_evaluate(args, task, config, tok, state, train_step, predict, data, examples, mesh, total):
+    """The training loop with its evaluations; process 0 writes the log, predictions and the checkpoint."""
     from tqdm import tqdm
-    log = open(os.path.join(out, "metrics.jsonl"), "a")
+    out, writer = args.out, jax.process_index() == 0
+    n_train = len(examples["train"])
+    eval_every = args.eval_every or max(1, -(-n_train // args.batch_size))
     best, final = {}, {}
     main_metric = next(iter(task.metrics))
     data_sharding = NamedSharding(mesh, P("data"))
     rng = np.random.default_rng(args.seed)
-    bar = tqdm(total=total, unit="step", dynamic_ncols=True, mininterval=1.0)
+    bar = tqdm(total=total, unit="step", dynamic_ncols=True, mininterval=1.0, disable=not writer)
     t0, step = time.perf_counter(), 0
-    while step < total:
-        for batch in batches(examples["train"], data["train"]["label"], args.batch_size, rng.permutation(n_train)):
-            state, m = train_step(state, tuple(train.global_array(x, data_sharding) for x in batch))
-            step += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{float(m['loss']):.4f}", lr=f"{float(m['lr']):.2e}")
-            if step % eval_every == 0 or step == total:
-                final = {"step": step}
-                for split in task.eval_splits:
-                    scores, pred = evaluate(predict, state["params"], task, examples[split], data[split]["label"],
-                                            args.batch_size, mesh)
-                    final.update({f"{split}_{k}": v for k, v in scores.items()})
-                    write_predictions(os.path.join(out, f"predictions_{split}.tsv"), task, pred)
-                log.write(json.dumps(final) + "\n")
-                log.flush()
-                key = f"{task.eval_splits[0]}_{main_metric}"
-                if not best or final[key] > best[key]:
-                    best = dict(final)
-                bar.write(f"step {step}: {scores_text(final)}")
-            if step == total:
-                break
+    with open(os.path.join(out, "metrics.jsonl") if writer else os.devnull, "a") as log:
+        while step < total:
+            for batch in batches(examples["train"], data["train"]["label"], args.batch_size, rng.permutation(n_train)):
+                state, m = train_step(state, tuple(train.global_array(x, data_sharding) for x in batch))
+                step += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{float(m['loss']):.4f}", lr=f"{float(m['lr']):.2e}")
+                if step % eval_every == 0 or step == total:
+                    final = {"step": step}
+                    for split in task.eval_splits:
+                        scores, pred = evaluate(predict, state["params"], task, examples[split], data[split]["label"],
+                                                args.batch_size, mesh)
+                        final.update({f"{split}_{k}": v for k, v in scores.items()})
+                        if writer:
+                            write_predictions(os.path.join(out, f"predictions_{split}.tsv"), task, pred)
+                    log.write(json.dumps(final) + "\n")
+                    log.flush()
+                    key = f"{task.eval_splits[0]}_{main_metric}"
+                    if not best or final[key] > best[key]:
+                        best = dict(final)
+                    bar.write(f"step {step}: {scores_text(final)}")
+                if step == total:
+                    break
     bar.close()
-    result = {"task": args.task, "final": final, "best": best, "steps": total,
-              "seconds": round(time.perf_counter() - t0, 1)}
-    bigs.write_atomic(os.path.join(out, "metrics.json"), json.dumps(result, indent=1).encode())
-    checkpoint = os.path.join(out, "checkpoint")  # the finetuned model, e.g. MNLI's as a start for RTE
-    bigs.save_pretrained(checkpoint, config, jax.tree.map(np.asarray, state["params"]), "classification")
-    bigs.write_atomic(os.path.join(checkpoint, "tokenizer.json"), tok.to_str().encode())
+    params = train.host(state["params"])
+    if writer:
+        result = {"task": args.task, "final": final, "best": best, "steps": total,
+                  "seconds": round(time.perf_counter() - t0, 1)}
+        bigs.write_atomic(os.path.join(out, "metrics.json"), json.dumps(result, indent=1).encode())
+        checkpoint = os.path.join(out, "checkpoint")  # the finetuned model, e.g. MNLI's as a start for RTE
+        bigs.save_pretrained(checkpoint, config, params, "classification")
+        bigs.write_atomic(os.path.join(checkpoint, "tokenizer.json"), tok.to_str().encode())
     print(f"done: {args.task}, {total} steps; final (step {final['step']}): {scores_text(final)}; "
           f"best seen (step {best['step']}): {scores_text(best)}; metrics, predictions and checkpoint in {out}")
     return 0

@@ -5,12 +5,16 @@ Run: python -m pytest -q test_bigs.py
 """
 
 import dataclasses
+import fcntl
+import glob
 import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 # The tolerances here are float32-on-a-CPU ones: on a GPU float32 matmuls run in TF32 (the scan kernel's
 # outputs are then 3.5e-4 off float64 at L=1 on an H100), so the tests run on the CPU unless told otherwise.
@@ -580,10 +584,16 @@ def corpus(tmp_path_factory):
     return str(path)
 
 
+def cache_of(corpus):
+    """One cache for every run on the corpus: WordPiece training is not deterministic (ties), and runs that
+    are compared must share their tokenizer."""
+    return os.path.join(os.path.dirname(corpus), "cache")
+
+
 def run_train(tmp_path, corpus, *flags, out="run"):
     argv = ["--model", "tiny", "--seq_len", "64", "--batch_size", "8", "--steps", "6", "--warmup", "2",
             "--log_every", "1", "--eval_every", "3", "--eval_batches", "2", "--save_every", "3",
-            "--dataset", corpus, "--cache_dir", str(tmp_path / "cache"), "--out", str(tmp_path / out), *flags]
+            "--dataset", corpus, "--cache_dir", cache_of(corpus), "--out", str(tmp_path / out), *flags]
     return train.main(argv)
 
 
@@ -592,29 +602,91 @@ def train_rows(tmp_path, out="run"):
         return [json.loads(line) for line in f]
 
 
-def test_resume_after_ctrl_c_equals_an_uninterrupted_run(tmp_path, corpus, monkeypatch):
-    assert run_train(tmp_path, corpus, out="straight") == 0
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, corpus):
+    """The folder of an uninterrupted six-step run (checkpoints at 3 and 6)."""
+    tmp_path = tmp_path_factory.mktemp("straight")
+    assert run_train(tmp_path, corpus) == 0
+    return tmp_path / "run"
+
+
+def losses(out):
+    """{step: train loss} of a run folder's log, which must hold each step once."""
+    steps = [r["step"] for r in train_rows(out.parent, out.name) if "loss" in r]
+    assert len(steps) == len(set(steps)), steps
+    return {r["step"]: r["loss"] for r in train_rows(out.parent, out.name) if "loss" in r}
+
+
+def assert_same_final_parameters(a, b):
+    for x, y in zip(jax.tree.leaves(bigs.from_pretrained(str(a / "checkpoint"))[1]),
+                    jax.tree.leaves(bigs.from_pretrained(str(b / "checkpoint"))[1])):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_resume_after_ctrl_c_equals_an_uninterrupted_run(tmp_path, corpus, straight, monkeypatch):
     batch_at = train.batch_at
 
-    def interrupt_at_step_4(blocks, step, *args):
-        if step == 3:  # the batch of step 4: Ctrl-C arrives after step 3
-            raise KeyboardInterrupt
+    def ctrl_c_during_step_4(blocks, step, *args):
+        if step == 3:  # the batch of step 4
+            signal.raise_signal(signal.SIGINT)
         return batch_at(blocks, step, *args)
-    monkeypatch.setattr(train, "batch_at", interrupt_at_step_4)
+    monkeypatch.setattr(train, "batch_at", ctrl_c_during_step_4)
     assert run_train(tmp_path, corpus, "--save_every", "100", out="cut") == 130
     monkeypatch.setattr(train, "batch_at", batch_at)
-    assert json.loads((tmp_path / "cut" / "checkpoint" / "train_state.json").read_text())["step"] == 3
+    assert json.loads((tmp_path / "cut" / "checkpoint" / "train_state.json").read_text())["step"] == 4
     assert train.main(["--out", str(tmp_path / "cut"), "--resume"]) == 0
-    losses = lambda out: {r["step"]: r["loss"] for r in train_rows(tmp_path, out) if "loss" in r}
-    straight, cut = losses("straight"), losses("cut")
-    assert sorted(cut) == sorted(straight) == [1, 2, 3, 4, 5, 6]
-    assert cut == straight  # bitwise, the steps after the resume included
-    _, a = bigs.from_pretrained(str(tmp_path / "straight" / "checkpoint"))
-    _, b = bigs.from_pretrained(str(tmp_path / "cut" / "checkpoint"))
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-        np.testing.assert_array_equal(x, y)
-    evals = [r for r in train_rows(tmp_path, "straight") if "eval_loss" in r]
+    assert sorted(losses(tmp_path / "cut")) == [1, 2, 3, 4, 5, 6]
+    assert losses(tmp_path / "cut") == losses(straight)  # bitwise, the steps after the resume included
+    assert_same_final_parameters(tmp_path / "cut", straight)
+    evals = [r for r in train_rows(straight.parent, "run") if "eval_loss" in r]
     assert [r["step"] for r in evals] == [0, 3, 6] and all(np.isfinite(r["eval_loss"]) for r in evals)
+
+
+KILL_SCRIPT = """
+import os, sys, time, bigs, train
+save = bigs.save_msgpack
+def slow_second_checkpoint(path, flat):
+    save(path, flat)
+    if "checkpoint" in path and path.endswith("optimizer.msgpack") and os.path.lexists(sys.argv[1] + "/checkpoint"):
+        print("saving", flush=True)  # the second checkpoint's files are half written: the test kills us here
+        time.sleep(60)
+bigs.save_msgpack = slow_second_checkpoint
+sys.exit(train.main(sys.argv[2:]))
+"""
+
+
+def test_kill_9_while_saving_loses_only_the_steps_since_the_last_checkpoint(tmp_path, corpus, straight):
+    out = tmp_path / "run"
+    argv = ["--model", "tiny", "--seq_len", "64", "--batch_size", "8", "--steps", "6", "--warmup", "2",
+            "--log_every", "1", "--eval_every", "3", "--eval_batches", "2", "--save_every", "3",
+            "--dataset", corpus, "--cache_dir", cache_of(corpus), "--out", str(out)]
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    p = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(out), *argv], cwd=HERE, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert "saving\n" in iter(p.stdout.readline, "")  # the script's own line: it waits to be killed
+    finally:
+        p.kill()  # SIGKILL
+        p.wait()
+    assert json.loads((out / "checkpoint" / "train_state.json").read_text())["step"] == 3
+    assert glob.glob(str(out / ".tmp-checkpoint-*"))  # the save that was cut short
+    assert max(losses(out)) == 6  # steps 4-6 had been logged before the kill
+    assert train.main(["--out", str(out), "--resume"]) == 0
+    assert not glob.glob(str(out / ".tmp-checkpoint-*")) and len(glob.glob(str(out / "checkpoint-*"))) == 1
+    assert losses(out) == losses(straight)  # each step once: the replayed steps 4-6 replaced their rows
+    assert_same_final_parameters(out, straight)
+
+
+def test_resume_with_more_steps_extends_the_run(tmp_path, straight):
+    out = tmp_path / "run"
+    shutil.copytree(straight, out, symlinks=True)
+    assert train.main(["--out", str(out), "--resume"]) == 0  # complete: nothing to do
+    assert train.main(["--out", str(out), "--resume", "--steps", "9", "--eval_every", "100"]) == 0
+    before, after = losses(straight), losses(out)
+    assert sorted(after) == list(range(1, 10)) and {s: after[s] for s in before} == before
+    saved = json.loads((out / "checkpoint" / "train_state.json").read_text())
+    assert saved["step"] == 9 and saved["args"]["steps"] == 9 and saved["args"]["eval_every"] == 100
+    assert [r["step"] for r in train_rows(tmp_path, "run") if "eval_loss" in r] == [0, 3, 6, 9]
 
 
 def test_a_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, corpus, monkeypatch):
@@ -644,34 +716,93 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, corpus, cap
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params)) and state["step"] >= 1
 
 
+def one_line_error(capsys, script="train.py"):
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(f"{script}: error:"), err
+    return err
+
+
 def test_bad_input_gets_a_one_line_error_before_any_work(tmp_path, corpus, capsys):
     (tmp_path / "blank.txt").write_text("\n   \n\n")
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "binary.txt").write_bytes(bytes(range(256)) * 64)
+    (tmp_path / "broken.jsonl").write_text('{"text": "a sentence"}\n{"text": \n')
     (tmp_path / "a_file").write_text("")
     big_vocab = tmp_path / "vocab.txt"
     big_vocab.write_text("\n".join(train.SPECIAL_TOKENS + [f"w{i}" for i in range(2000)]))
     cases = [
-        (["--seq_len", "65"], "--seq_len 65 must be in 1..64"),
-        (["--seq_len", "0"], "--seq_len 0 must be in 1..64"),
+        (["--seq_len", "65"], "--seq_len 65 must be in 3..64"),
+        (["--seq_len", "2"], "--seq_len 2 must be in 3..64"),
+        (["--lr", "-1"], "--lr must be positive"),
+        (["--steps", "0"], "--steps must be positive"),
         (["--dataset", str(tmp_path / "missing.txt")], "data file not found"),
         (["--dataset", str(tmp_path / "blank.txt")], "non-empty documents"),
+        (["--dataset", str(tmp_path / "empty.txt")], "empty.txt is empty"),
+        (["--dataset", str(tmp_path / "binary.txt")], "cannot read"),
+        (["--dataset", str(tmp_path / "broken.jsonl")], "cannot read"),
+        (["--dataset", "nobody/no-such-dataset"], "--dataset nobody/no-such-dataset is no local file, and the hub"),
+        (["--tokenizer", "nobody/no-such-tokenizer"], "--tokenizer nobody/no-such-tokenizer is no local file, and the hub"),
         (["--out", str(tmp_path / "a_file" / "run")], "cannot write to the output folder"),
         (["--tokenizer", str(big_vocab)], "2005 tokens, more than the model's vocab_size 1000"),
-        (["--out", str(tmp_path / "empty"), "--resume"], "no checkpoint to resume"),
+        (["--resume"], "no checkpoint to resume"),
         (["--mesh", "data=3"], "needs 3 devices"),
+        (["--multihost"], "--multihost found no other processes"),
+        (["--num_processes", "2"], "go together"),
     ]
     for flags, message in cases:
         assert run_train(tmp_path, corpus, *flags, out="bad") == 2, flags
-        err = capsys.readouterr().err.strip()
-        assert message in err and len(err.splitlines()) == 1 and err.startswith("train.py: error:"), (flags, err)
-        assert not os.path.exists(tmp_path / "bad" / "metrics.jsonl")
+        assert message in one_line_error(capsys), flags
+        assert not os.path.exists(tmp_path / "bad"), flags  # nothing left behind
+
+
+def test_a_run_is_never_overwritten_or_shared(tmp_path, corpus, straight, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(straight, out, symlinks=True)
+    before = sorted(os.listdir(out)), (out / "metrics.jsonl").read_bytes()
+    assert run_train(tmp_path, corpus) == 2  # a fresh run into a folder that holds one
+    err = one_line_error(capsys)
+    assert "holds a run already" in err and "--resume" in err
+    for flag, value in (("--seq_len", "32"), ("--batch_size", "4"), ("--seed", "1"), ("--model", "small")):
+        assert train.main(["--out", str(out), "--resume", "--steps", "9", flag, value]) == 2
+        assert f"{flag} {value} differs from the run's" in one_line_error(capsys)
+    with open(out / ".lock", "a+") as lock:  # another process is writing to the folder
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert train.main(["--out", str(out), "--resume", "--steps", "9"]) == 2
+        assert "another process" in one_line_error(capsys)
+    assert (sorted(os.listdir(out)), (out / "metrics.jsonl").read_bytes()) == before
+
+
+def test_unreadable_checkpoints_get_a_one_line_error(tmp_path, straight, capsys):
+    def broken(name, edit):
+        out = tmp_path / name
+        shutil.copytree(straight, out, symlinks=True)
+        edit(out / "checkpoint")
+        return str(out)
+    truncate = lambda f: lambda c: (c / f).write_bytes((c / f).read_bytes()[:(c / f).stat().st_size // 2])
+    cases = [(truncate("flax_model.msgpack"), "flax_model.msgpack: not a complete Flax msgpack file"),
+             (truncate("optimizer.msgpack"), "optimizer.msgpack: not a complete Flax msgpack file"),
+             (truncate("config.json"), "config.json: not valid JSON"),
+             (lambda c: (c / "tokenizer.json").unlink(), "tokenizer.json is missing")]
+    for i, (edit, message) in enumerate(cases):
+        assert train.main(["--out", broken(f"r{i}", edit), "--resume", "--steps", "9"]) == 2
+        assert message in one_line_error(capsys), message
+    with pytest.raises(ValueError, match="flax_model.msgpack: not a complete"):
+        bigs.from_pretrained(str(tmp_path / "r0" / "checkpoint"))
 
 
 @pytest.fixture(scope="module")
 def short_run(tmp_path_factory, corpus):
-    """The folder of a finished two-step run."""
+    """The folder of a finished two-step run, in bfloat16 with remat."""
     tmp_path = tmp_path_factory.mktemp("short")
-    assert run_train(tmp_path, corpus, "--steps", "2") == 0
+    assert run_train(tmp_path, corpus, "--steps", "2", "--bf16", "--remat") == 0
     return tmp_path / "run"
+
+
+def test_run_settings_stay_out_of_the_checkpoints_config(short_run):
+    saved = json.loads((short_run / "checkpoint" / "config.json").read_text())
+    assert "dtype" not in saved and "remat" not in saved and saved["hidden_size"] == 32
+    config, _ = bigs.from_pretrained(str(short_run / "checkpoint"))
+    assert (config.dtype, config.remat) == ("float32", False)
 
 
 def test_checkpoint_is_a_bigs_checkpoint_with_tokenizer(short_run):
@@ -719,6 +850,80 @@ def test_one_device_and_eight_devices_give_the_same_losses(tmp_path, corpus):
     assert len(one) == 3
     for mesh, losses in eight.items():
         np.testing.assert_allclose(losses, one, rtol=2e-5, err_msg=mesh)
+
+
+def start_processes(script, argv, processes, devices):
+    """Starts `python script argv` as `processes` processes on 127.0.0.1 with `devices` CPU devices each (one
+    process: without the distributed flags)."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    flags = [[]]
+    if processes > 1:
+        import socket
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        flags = [["--coordinator_address", f"127.0.0.1:{port}", "--num_processes", str(processes),
+                  "--process_id", str(i)] for i in range(processes)]
+    return [subprocess.Popen([sys.executable, script, *argv, *f], cwd=HERE, env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True) for f in flags]
+
+
+def run_processes(*runs):
+    """Runs at once each (script, argv, processes, devices) of start_processes; each process must succeed."""
+    ps = [p for run in runs for p in start_processes(*run)]
+    for p in ps:
+        err = p.communicate(timeout=300)[1]
+        assert p.returncode == 0, err[-3000:]
+
+
+def test_two_processes_train_and_resume_as_one_process_with_four_devices(tmp_path, corpus):
+    argv = lambda out, steps: ["--model", "tiny", "--seq_len", "64", "--batch_size", "8", "--steps", str(steps),
+                               "--warmup", "1", "--log_every", "1", "--eval_every", "2", "--eval_batches", "2",
+                               "--save_every", "2", "--dataset", corpus, "--cache_dir", cache_of(corpus),
+                               "--out", str(tmp_path / out)]
+    modes = ((1, 4, "one"), (2, 2, "two"))  # run side by side, then each resumed the same way
+    run_processes(*(("train.py", argv(out, 4), processes, devices) for processes, devices, out in modes))
+    run_processes(*(("train.py", ["--out", str(tmp_path / out), "--resume", "--steps", "6"], processes, devices)
+                    for processes, devices, out in modes))
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")  # each step logged once, by process 0 alone
+    assert sorted(two) == [1, 2, 3, 4, 5, 6]
+    np.testing.assert_allclose([two[s] for s in sorted(two)], [one[s] for s in sorted(two)], rtol=2e-5)
+    a, b = (bigs.from_pretrained(str(tmp_path / out / "checkpoint"))[1] for out in ("one", "two"))
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
+    assert sorted(os.listdir(tmp_path / "two")) == sorted(os.listdir(tmp_path / "one"))
+
+
+def test_ctrl_c_on_one_process_stops_both_at_one_step_with_a_checkpoint(tmp_path, corpus):
+    out = tmp_path / "run"
+    argv = ["--model", "tiny", "--seq_len", "64", "--batch_size", "8", "--steps", "100000", "--log_every", "1",
+            "--eval_every", "100000", "--save_every", "100000", "--dataset", corpus, "--cache_dir", cache_of(corpus),
+            "--out", str(out)]
+    ps = start_processes("train.py", argv, processes=2, devices=2)
+    while not (out / "metrics.jsonl").exists() or len((out / "metrics.jsonl").read_text().splitlines()) < 10:
+        assert all(p.poll() is None for p in ps)
+        time.sleep(0.1)
+    ps[1].send_signal(signal.SIGINT)
+    errs = [p.communicate(timeout=120)[1] for p in ps]
+    assert [p.returncode for p in ps] == [130, 130], errs
+    step = json.loads((out / "checkpoint" / "train_state.json").read_text())["step"]
+    for i, err in enumerate(errs):  # both saved the same step, and each says how to resume itself
+        assert f"saved step {step} to" in err and err.strip().endswith(f"--process_id {i}"), err[-500:]
+    assert sorted(losses(out)) == list(range(1, step + 1))
+
+
+def test_two_processes_finetune_as_one_process_with_four_devices(tmp_path, tiny_vocab):
+    data = write_files(tmp_path / "data", GLUE_FILES["rte"])
+    argv = lambda out: ["--task", "rte", "--data_dir", data, "--model_name_or_path", os.path.join(OFFICIAL, "mlm"),
+                        "--tokenizer", tiny_vocab, "--batch_size", "4", "--epochs", "2",
+                        "--lr", "1e-3", "--out", str(tmp_path / out)]
+    run_processes(("finetune.py", argv("one"), 1, 4), ("finetune.py", argv("two"), 2, 2))
+    one, two = (json.loads((tmp_path / out / "metrics.json").read_text()) for out in ("one", "two"))
+    assert one["final"] == two["final"] and one["steps"] == two["steps"] == 2
+    assert len((tmp_path / "two" / "metrics.jsonl").read_text().splitlines()) == 2  # one row per evaluation
+    a, b = (bigs.from_pretrained(str(tmp_path / out / "checkpoint"))[1] for out in ("one", "two"))
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
 
 
 # ===================================================================================================
@@ -837,12 +1042,16 @@ def test_finetunes_end_to_end(task, tmp_path, tiny_vocab, capsys):
 
 
 def test_finetune_bad_input_before_training(tmp_path, tiny_vocab, capsys):
+    sst = write_files(tmp_path / "sst", GLUE_FILES["sst2"])
+    good = ["--task", "sst2", "--data_dir", sst, "--model_name_or_path", os.path.join(OFFICIAL, "mlm"),
+            "--tokenizer", tiny_vocab]
+
     def error(*argv):
-        assert finetune.main(list(argv)) == 2
-        err = capsys.readouterr().err.strip()
-        assert len(err.splitlines()) == 1 and err.startswith("finetune.py: error:"), err
-        return err
+        assert finetune.main(list(argv) + ["--out", str(tmp_path / "out")]) == 2, argv
+        assert not os.path.exists(tmp_path / "out"), argv  # nothing left behind
+        return one_line_error(capsys, "finetune.py")
     assert "one of cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli" in error("--task", "glue9")
+    assert "no --data_dir or --train_file for sst2, and the hub" in error(*good[:2], *good[4:])
     bad_columns = write_files(tmp_path / "cols", {"train.tsv": "text\tlabel\nhi\t1\n", "dev.tsv": "text\tlabel\n"})
     assert "lacks the column(s) sentence" in error("--task", "sst2", "--data_dir", bad_columns)
     bad_label = write_files(tmp_path / "label", {"train.tsv": "sentence\tlabel\nok\t1\nno\t7\n",
@@ -851,11 +1060,24 @@ def test_finetune_bad_input_before_training(tmp_path, tiny_vocab, capsys):
                                                                                    bad_label)
     big_vocab = tmp_path / "big_vocab.txt"
     big_vocab.write_text("\n".join(train.SPECIAL_TOKENS + [f"w{i}" for i in range(1200)]))
-    err = error("--task", "sst2", "--data_dir", write_files(tmp_path / "sst", GLUE_FILES["sst2"]),
-                "--model_name_or_path", os.path.join(OFFICIAL, "mlm"), "--tokenizer", str(big_vocab),
-                "--out", str(tmp_path / "out"))
-    assert "vocab_size is 1000 but the tokenizer has 1205 tokens" in err
-    assert not os.path.exists(tmp_path / "out" / "metrics.jsonl")
+    assert "vocab_size is 1000 but the tokenizer has 1205 tokens" in error(*good, "--tokenizer", str(big_vocab))
+    for flag, value, message in (("--batch_size", "0", "at least 1"), ("--lr", "-1.0", "positive"),
+                                 ("--epochs", "0.5", "at least 1"), ("--max_seq_length", "100000", "in 1..64"),
+                                 ("--max_seq_length", "0", "in 1..64"), ("--warmup_ratio", "2.0", "in [0, 1]")):
+        assert f"{flag} {value} must be {message}" in error(*good, flag, value)
+    truncated = tmp_path / "truncated"
+    shutil.copytree(os.path.join(OFFICIAL, "mlm"), truncated)
+    (truncated / "flax_model.msgpack").write_bytes((truncated / "flax_model.msgpack").read_bytes()[:5000])
+    for path, message in ((tmp_path / "nowhere", "not a checkpoint folder"), ("nobody/no-such-model", "offline"),
+                          (truncated, "not a complete Flax msgpack file")):
+        assert message in error(*good, "--model_name_or_path", str(path))
+    assert finetune.main(good + ["--out", str(tmp_path / "done"), "--epochs", "1"]) == 0
+    capsys.readouterr()
+    assert finetune.main(good + ["--out", str(tmp_path / "done")]) == 2  # a second run into the same folder
+    assert "holds a run already" in one_line_error(capsys, "finetune.py")
+    with pytest.raises(SystemExit):
+        finetune.parse_args(["--help"])
+    assert "--bf16" in capsys.readouterr().out
 
 
 def test_finetune_from_scratch(tmp_path, tiny_vocab):
@@ -864,4 +1086,4 @@ def test_finetune_from_scratch(tmp_path, tiny_vocab):
             "--out", str(tmp_path / "out")]
     assert finetune.main(argv + ["--tokenizer", tiny_vocab]) == 0
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["final"]["validation_accuracy"] in (0.0, 1.0)
-    assert finetune.main(argv) == 2  # scratch needs a tokenizer
+    assert finetune.main(argv[:-1] + [str(tmp_path / "out2")]) == 2  # scratch needs a tokenizer

@@ -11,13 +11,16 @@ optimiser, the schedule, the mesh and the checkpoint code from here.
 """
 
 import argparse
+import contextlib
 import dataclasses
+import fcntl
 import glob
 import hashlib
 import json
 import math
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -34,6 +37,29 @@ SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]  # BERT's; [PAD]
 
 class UsageError(Exception):
     """Bad input: reported as one line, before any work starts."""
+
+
+def check_hub(subject):
+    """A one-line error at once where the hub cannot be reached: offline, datasets would retry for half a
+    minute, printing each try. (With HF_HUB_OFFLINE=1 the libraries read their caches instead.)"""
+    import socket
+    from urllib.parse import urlparse
+    from huggingface_hub import constants
+    if constants.HF_HUB_OFFLINE:
+        return
+    host = urlparse(constants.ENDPOINT).hostname
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError:
+        raise UsageError(f"{subject}, and the hub ({host}) cannot be reached (offline?): give local files")
+
+
+def cause(e):
+    """The first line of the innermost error behind e (libraries wrap the reader's error in their own)."""
+    while e.__cause__ or e.__context__:
+        e = e.__cause__ or e.__context__
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -59,15 +85,26 @@ def load_texts(dataset, dataset_config, text_column):
             texts = [page["extract"] for page in json.load(f).values()]
         return datasets.Dataset.from_dict({"text": texts}), f"{path}:{os.path.getsize(path)}"
     files = dataset.split(",")
-    if any(os.path.sep in f or os.path.splitext(f)[1] in (".txt", ".json", ".jsonl") for f in files):
+    if any(os.path.exists(f) or f.endswith((".txt", ".json", ".jsonl")) for f in files):  # else a hub name
         missing = [f for f in files if not os.path.isfile(f)]
         if missing:
             raise UsageError(f"data file not found: {missing[0]}")
+        empty = [f for f in files if os.path.getsize(f) == 0]
+        if empty:
+            raise UsageError(f"data file {empty[0]} is empty")
         kind = "json" if all(f.endswith((".json", ".jsonl")) for f in files) else "text"
-        ds = datasets.load_dataset(kind, data_files=files, split="train")
+        try:
+            ds = datasets.load_dataset(kind, data_files=files, split="train")
+        except Exception as e:  # not UTF-8, malformed JSON, ...: datasets wraps the reader's error in its own
+            raise UsageError(f"cannot read {dataset} as {kind}: {cause(e)}")
         source = ",".join(f"{os.path.abspath(f)}:{os.path.getsize(f)}:{os.path.getmtime(f)}" for f in files)
     else:  # a hub dataset, e.g. wikitext + wikitext-103-raw-v1 (needs the network the first time)
-        ds = datasets.load_dataset(dataset, dataset_config, split="train")
+        check_hub(f"--dataset {dataset} is no local file")
+        try:
+            ds = datasets.load_dataset(dataset, dataset_config, split="train")
+        except Exception as e:
+            raise UsageError(f"cannot load {dataset} from the hub ({cause(e)}); offline, give local .txt or .json(l) "
+                             "files as --dataset")
         source = f"hub:{dataset}:{dataset_config}"
     if text_column not in ds.column_names:
         raise UsageError(f"{dataset} has no column {text_column!r} (columns: {', '.join(ds.column_names)})")
@@ -116,7 +153,12 @@ def get_tokenizer(spec, texts=None, vocab_size=None, cache_dir=None, source=None
             raise UsageError(f"tokenizer file not found: {path}")
         tok = Tokenizer.from_file(path)
     else:
-        tok = Tokenizer.from_pretrained(spec)  # a hub id such as bert-large-uncased
+        check_hub(f"--tokenizer {spec} is no local file")
+        try:
+            tok = Tokenizer.from_pretrained(spec)  # a hub id such as bert-large-uncased
+        except Exception as e:
+            raise UsageError(f"tokenizer {spec}: no such file, and the hub cannot give it ({cause(e)}); offline, "
+                             "give a vocab.txt or tokenizer.json")
     tok.no_truncation()
     tok.no_padding()
     return tok
@@ -318,7 +360,17 @@ def place(state, mesh):
     replicated = NamedSharding(mesh, P())
     shardings = {"params": param_shardings(state["params"], mesh), "step": replicated, "key": replicated}
     shardings["opt"] = {"m": shardings["params"], "v": shardings["params"]}
-    return jax.device_put(state, shardings), shardings
+    if jax.process_count() == 1:
+        return jax.device_put(state, shardings), shardings
+    # Several processes: each holds the whole state (the same seed, or the same checkpoint) and places the
+    # pieces that its own devices hold.
+    def put(x, sharding):
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+    key = state["key"]
+    placed = jax.tree.map(put, dict(state, key=jax.random.key_data(key)), shardings)
+    return dict(placed, key=jax.random.wrap_key_data(placed["key"], impl=jax.random.key_impl(key))), shardings
 
 
 def param_shardings(params, mesh):
@@ -399,6 +451,7 @@ def global_array(batch, sharding):
 
 
 def host(tree):
+    """A tree of (possibly sharded, possibly multi-process) arrays as numpy arrays, on every process."""
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
         tree = multihost_utils.process_allgather(tree, tiled=True)
@@ -406,16 +459,14 @@ def host(tree):
 
 
 def save_checkpoint(out, config, state, tokenizer, args):
+    """Every process takes part (the arrays are gathered); process 0 writes."""
     step = int(state["step"])
     final, link = os.path.join(out, f"checkpoint-{step:07d}"), os.path.join(out, "checkpoint")
-    previous = os.path.realpath(link) if os.path.islink(link) else None
-    if previous == os.path.realpath(final):
-        return  # this step is saved already
     params, opt = host(state["params"]), host(state["opt"])
     if jax.process_index() != 0:
         return
-    for leftover in glob.glob(os.path.join(out, ".tmp-checkpoint-*")):  # of a save that crashed
-        shutil.rmtree(leftover, ignore_errors=True)
+    previous = os.path.realpath(link) if os.path.islink(link) else None
+    remove_orphans(out)
     tmp = tempfile.mkdtemp(dir=out, prefix=".tmp-checkpoint-")
     bigs.save_pretrained(tmp, config, params, "mlm")
     bigs.save_msgpack(os.path.join(tmp, "optimizer.msgpack"), bigs.flatten(opt))
@@ -423,31 +474,58 @@ def save_checkpoint(out, config, state, tokenizer, args):
     info = {"step": step, "key": np.asarray(jax.random.key_data(state["key"])).tolist(),
             "tokens_seen": step * args.batch_size * args.seq_len,
             "blocks_seen": step * args.batch_size,  # the data position: batch_at(step) follows
-            "args": vars(args)}
+            "args": {k: v for k, v in vars(args).items() if k != "given"}}
     bigs.write_atomic(os.path.join(tmp, "train_state.json"), json.dumps(info, indent=1).encode())
-    shutil.rmtree(final, ignore_errors=True)
     os.rename(tmp, final)
     tmp_link = os.path.join(out, ".checkpoint-link")
     if os.path.lexists(tmp_link):
         os.remove(tmp_link)
     os.symlink(os.path.basename(final), tmp_link)
     os.replace(tmp_link, link)  # the atomic switch
-    if previous:
+    if previous and previous != os.path.realpath(final):
         shutil.rmtree(previous, ignore_errors=True)
+
+
+def remove_orphans(out):
+    """What a save cut short by a crash leaves: its temporary folder, or a finished checkpoint-<step> that
+    the link was never switched to. Neither is the checkpoint, which stays."""
+    link = os.path.join(out, "checkpoint")
+    current = os.path.realpath(link) if os.path.islink(link) else None
+    for path in glob.glob(os.path.join(out, ".tmp-checkpoint-*")) + glob.glob(os.path.join(out, "checkpoint-*")):
+        if os.path.realpath(path) != current:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def load_pretrained(path, **settings):
+    """bigs.from_pretrained, with a checkpoint that cannot be read reported as one line."""
+    try:
+        return bigs.from_pretrained(path, **settings)
+    except (OSError, ValueError) as e:
+        raise UsageError(str(e).strip().splitlines()[0])
 
 
 def load_checkpoint(out):
     path = os.path.join(out, "checkpoint")
     if not os.path.isfile(os.path.join(path, "train_state.json")):
         raise UsageError(f"no checkpoint to resume in {out} (expected {path}/train_state.json)")
-    config, params = bigs.from_pretrained(path)
-    opt = bigs.unflatten({k: jnp.asarray(v) for k, v in bigs.load_msgpack(os.path.join(path, "optimizer.msgpack")).items()})
+    config, params = load_pretrained(path)
+    try:
+        opt = bigs.load_msgpack(os.path.join(path, "optimizer.msgpack"))
+    except (OSError, ValueError) as e:
+        raise UsageError(str(e).strip().splitlines()[0])
     with open(os.path.join(path, "train_state.json")) as f:
-        ts = json.load(f)
+        try:
+            ts = json.load(f)
+        except ValueError as e:
+            raise UsageError(f"{f.name}: not valid JSON ({e})")
+    if not os.path.isfile(os.path.join(path, "tokenizer.json")):
+        raise UsageError(f"{path}/tokenizer.json is missing: the run's tokenizer is needed to resume it")
     from tokenizers import Tokenizer
     tok = Tokenizer.from_file(os.path.join(path, "tokenizer.json"))
     key = jax.random.wrap_key_data(jnp.asarray(ts["key"], jnp.uint32))
-    return config, {"params": params, "opt": opt, "step": jnp.asarray(ts["step"], jnp.int32), "key": key}, tok, ts
+    state = {"params": params, "opt": bigs.unflatten({k: jnp.asarray(v) for k, v in opt.items()}),
+             "step": jnp.asarray(ts["step"], jnp.int32), "key": key}
+    return config, state, tok, ts
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -541,46 +619,161 @@ def parse_args(argv):
     p.add_argument("--log_every", type=int, default=10)
     p.add_argument("--out", default="runs/bigs", help="output folder: checkpoint, metrics.jsonl")
     p.add_argument("--cache_dir", default=os.path.join(os.path.expanduser("~"), ".cache", "bigs"))
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its checkpoint, with its settings; --steps extends it, and "
+                        "flags such as --lr or --eval_every given here replace the saved ones")
     p.add_argument("--mesh", default=None, help="device mesh, e.g. data=4,model=2 (default: all on data)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--benchmark", action="store_true", help="time the train step on random tokens, then exit")
-    p.add_argument("--multihost", action="store_true", help="call jax.distributed.initialize() first")
     p.add_argument("--plot", metavar="FOLDER", default=None,
                    help="draw losses.png and kernels.png for a run or checkpoint folder, then exit")
-    args = p.parse_args(argv)
+    add_process_flags(p)
+    args = parse_with_given(p, argv)
     if args.batch_size is None:
         args.batch_size = max(1, 8192 // max(args.seq_len, 1))
     return args
 
 
-def output_folder(path):
-    """Create path if needed and make sure a file can be written there; a clear error if not."""
+def parse_with_given(parser, argv):
+    """parser.parse_args, with args.given: the names of the flags given on the command line (argparse fills in
+    a default only where the namespace lacks the name, so a namespace of markers shows which were given)."""
+    names = vars(parser.parse_args(argv))
+    marker = object()
+    given = vars(parser.parse_args(argv, argparse.Namespace(**{k: marker for k in names})))
+    return argparse.Namespace(**names, given={k for k, v in given.items() if v is not marker})
+
+
+# ----------------------------------------------------------------------------------------------------
+# Several processes (hosts): jax.distributed, and what only process 0 does.
+
+
+def add_process_flags(p):
+    p.add_argument("--multihost", action="store_true",
+                   help="several processes: jax.distributed.initialize() finds the others (TPU pods, Slurm, Open MPI)")
+    p.add_argument("--coordinator_address", default=None,
+                   help="several processes anywhere: host:port of process 0, with --num_processes and --process_id")
+    p.add_argument("--num_processes", type=int, default=None)
+    p.add_argument("--process_id", type=int, default=None, help="0 .. --num_processes - 1")
+
+
+def start_processes(args):
+    """Joins the other processes: with the three flags as given, or (--multihost) as JAX detects them."""
+    flags = (args.coordinator_address, args.num_processes, args.process_id)
+    if any(f is not None for f in flags):
+        if any(f is None for f in flags):
+            raise UsageError("--coordinator_address, --num_processes and --process_id go together")
+        if not 0 <= args.process_id < args.num_processes:
+            raise UsageError(f"--process_id {args.process_id} must be in 0..{args.num_processes - 1}")
+        jax.distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+    elif args.multihost:
+        try:
+            jax.distributed.initialize()
+        except (ValueError, RuntimeError) as e:
+            raise UsageError(f"--multihost found no other processes ({str(e).splitlines()[0]}); outside a TPU pod, "
+                             "Slurm or Open MPI give --coordinator_address, --num_processes and --process_id")
+
+
+def process_flags(args):
+    """The flags that started this process among the others, for the command that resumes it."""
+    if args.coordinator_address is not None:
+        return (f" --coordinator_address {args.coordinator_address} --num_processes {args.num_processes} "
+                f"--process_id {args.process_id}")
+    return " --multihost" if args.multihost else ""
+
+
+class StopRequests:
+    """Ctrl-C (SIGINT) during training asks to stop after the current step, on every process: each asks the
+    others after each step, so that all stop at the same step and save it together. A second Ctrl-C
+    interrupts at once."""
+
+    def __enter__(self):
+        self.asked = False
+        self.previous = signal.signal(signal.SIGINT, self.ask)
+        return self
+
+    def ask(self, signum, frame):
+        self.asked = True
+        signal.signal(signal.SIGINT, self.previous)
+
+    def any(self):
+        if jax.process_count() == 1:
+            return self.asked
+        from jax.experimental import multihost_utils
+        return bool(multihost_utils.process_allgather(np.int32(self.asked)).any())
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self.previous)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The output folder: created when the work starts, locked by the process that writes it.
+
+
+def check_writable(path):
+    """A one-line error now if path cannot be a writable folder; nothing is created."""
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+        reason = "not a folder" if not os.path.isdir(existing) else "no write permission"
+        raise UsageError(f"cannot write to the output folder {path}: {existing} is {reason}")
+
+
+def check_no_run(out, resume_hint=True):
+    """A fresh run never writes into a folder that holds one: that would replace its checkpoint and mix two
+    runs in one log."""
+    link, log = os.path.join(out, "checkpoint"), os.path.join(out, "metrics.jsonl")
+    if os.path.lexists(link):
+        hint = "continue it with --resume, or give another --out" if resume_hint else "give another --out"
+        raise UsageError(f"{out} holds a run already (its checkpoint is {link}): {hint}")
+    if os.path.exists(log):
+        raise UsageError(f"{out} holds the log of a run ({log}); give another --out, or remove that folder")
+
+
+@contextlib.contextmanager
+def claim(out):
+    """Creates out and locks it for this process until the block ends (or the process, however it ends): a
+    second process on the same folder gets a one-line error. Only process 0 writes, so only it locks."""
+    if jax.process_index() != 0:
+        yield
+        return
     try:
-        os.makedirs(path, exist_ok=True)
-        tempfile.NamedTemporaryFile(dir=path).close()
+        os.makedirs(out, exist_ok=True)
+        lock = open(os.path.join(out, ".lock"), "a+")
     except OSError as e:
-        raise UsageError(f"cannot write to the output folder {path}: {e.strerror}")
-    return path
+        raise UsageError(f"cannot write to the output folder {out}: {e.strerror}")
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock.seek(0)
+            raise UsageError(f"another process (pid {lock.read().strip() or '?'}) is writing to {out}")
+        lock.truncate(0)
+        lock.write(str(os.getpid()))
+        lock.flush()
+        yield
 
 
 def check_args(args, config, mesh):
     """Every check that needs no data, before any work."""
-    if not 1 <= args.seq_len <= config.max_position_embeddings:
-        raise UsageError(f"--seq_len {args.seq_len} must be in 1..{config.max_position_embeddings} "
-                         f"(max_position_embeddings of --model {args.model})")
-    if args.seq_len < 3:
-        raise UsageError("--seq_len must be at least 3 ([CLS], a token, [SEP])")
+    if not 3 <= args.seq_len <= config.max_position_embeddings:
+        raise UsageError(f"--seq_len {args.seq_len} must be in 3..{config.max_position_embeddings} ([CLS], a token, "
+                         f"[SEP]; at most max_position_embeddings of --model {args.model})")
     for name in ("batch_size", "grad_accum", "steps", "eval_every", "save_every", "log_every", "eval_batches"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name} must be positive")
+    for name in ("lr", "clip_grad", "eps"):
+        if not getattr(args, name) > 0:
+            raise UsageError(f"--{name} must be positive")
+    if args.warmup < 0 or args.weight_decay < 0 or not (0 <= args.beta1 < 1 and 0 <= args.beta2 < 1):
+        raise UsageError("--warmup and --weight_decay must be at least 0, --beta1 and --beta2 in [0, 1)")
     if not 0 < args.eval_fraction < 1:
         raise UsageError("--eval_fraction must be between 0 and 1")
     data = mesh.shape["data"]
     if args.batch_size % (args.grad_accum * data):
         raise UsageError(f"--batch_size {args.batch_size} must divide into --grad_accum {args.grad_accum} "
                          f"micro-batches over {data} data-parallel devices")
-    output_folder(args.out)
+    check_writable(args.out)
 
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e12, "TPU v5 lite": 197e12,
@@ -632,19 +825,47 @@ def main(argv=None):
     except UsageError as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # before training started: nothing to save
+        print("\ntrain.py: interrupted", file=sys.stderr)
+        return 130
+
+
+# What --resume takes from the saved run: everything but these settings of the launch itself...
+LAUNCH = ("out", "resume", "plot", "benchmark", "multihost", "coordinator_address", "num_processes", "process_id",
+          "cache_dir", "given")
+# ...and, given on the command line, a flag replaces the saved value, except these, which define the model
+# and the data stream (a different value is an error: it would be another run).
+FIXED_ON_RESUME = ("model", "dataset", "dataset_config", "text_column", "tokenizer", "eval_fraction", "seq_len",
+                   "batch_size", "seed")
+
+
+def resumed_args(args, saved):
+    for name in sorted(args.given & set(FIXED_ON_RESUME)):
+        if getattr(args, name) != saved.get(name):
+            raise UsageError(f"--{name} {getattr(args, name)} differs from the run's {saved.get(name)}: it cannot "
+                             "change on --resume (start a new run with another --out)")
+    kept = {k: v for k, v in saved.items() if k in vars(args) and k not in LAUNCH and k not in args.given}
+    return argparse.Namespace(**dict(vars(args), **kept))
 
 
 def run(args):
     if args.plot:
         print("wrote", ", ".join(plot_run(args.plot)))
         return 0
-    if args.multihost:
-        jax.distributed.initialize()
+    start_processes(args)
+    start = 0
     if args.resume:
         config, state, tok, saved = load_checkpoint(args.out)
-        args = argparse.Namespace(**dict(saved["args"], resume=True, out=args.out))
+        args, start = resumed_args(args, saved["args"]), saved["step"]
+        if args.steps < start:
+            raise UsageError(f"--steps {args.steps} is below the run's step {start}")
+        if args.steps == start:
+            print(f"train.py: the run in {args.out} is complete at step {start}; --steps N extends it", file=sys.stderr)
+            return 0
     else:
         config, tok = bigs.PRESETS[args.model], None
+        if not args.benchmark:
+            check_no_run(args.out)
     config = dataclasses.replace(config, dtype="bfloat16" if args.bf16 else "float32", remat=args.remat)
     mesh = make_mesh(args.mesh)
     check_args(args, config, mesh)
@@ -660,7 +881,21 @@ def run(args):
     if args.benchmark:
         return benchmark(args, config, train_step, state, mesh)
     eval_step = make_eval_step(config, jnp.asarray(specials), mask_id)
-    return train_loop(args, config, state, tok, train_step, eval_step, mesh, train_blocks, eval_blocks, specials)
+    with claim(args.out):
+        if jax.process_index() == 0 and start == 0:
+            check_no_run(args.out)  # again, now that no other process can start one here
+        elif jax.process_index() == 0:
+            remove_orphans(args.out)
+            forget_replayed(os.path.join(args.out, "metrics.jsonl"), start)
+        return train_loop(args, config, state, tok, train_step, eval_step, mesh, train_blocks, eval_blocks, specials)
+
+
+def forget_replayed(log, step):
+    """Drops the rows logged after the checkpoint's step by a run that then crashed: resuming replays them."""
+    if os.path.exists(log):
+        with open(log) as f:
+            rows = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+        bigs.write_atomic(log, "".join(rows).encode())
 
 
 def unigram_entropy(blocks, specials):
@@ -672,9 +907,10 @@ def unigram_entropy(blocks, specials):
 
 def train_loop(args, config, state, tok, train_step, eval_step, mesh, train_blocks, eval_blocks, specials):
     from tqdm import tqdm
-    out, start = args.out, int(state["step"])
-    log = open(os.path.join(out, "metrics.jsonl"), "a")
-    def record(**row):
+    out, start, writer = args.out, int(state["step"]), jax.process_index() == 0
+    link = os.path.join(out, "checkpoint")
+    log = open(os.path.join(out, "metrics.jsonl") if writer else os.devnull, "a")  # process 0 writes; every
+    def record(**row):  # process computes the same rows
         log.write(json.dumps(row) + "\n")
         log.flush()
     evaluate_now = lambda: evaluate(eval_step, state["params"], eval_blocks, args.batch_size, args.eval_batches, mesh)
@@ -689,49 +925,61 @@ def train_loop(args, config, state, tok, train_step, eval_step, mesh, train_bloc
     batch_sharding = NamedSharding(mesh, P(None, "data"))
     micro = args.batch_size // args.grad_accum
     saved_step, t_start = start, time.perf_counter()
-    bar = tqdm(total=args.steps, initial=start, unit="step", dynamic_ncols=True, mininterval=1.0)
+
+    def save():
+        nonlocal saved_step
+        if int(state["step"]) != saved_step:
+            save_checkpoint(out, config, state, tok, args)
+            saved_step = int(state["step"])
+
+    bar = tqdm(total=args.steps, initial=start, unit="step", dynamic_ncols=True, mininterval=1.0, disable=not writer)
     t_log, step_log = time.perf_counter(), start
-    try:
-        for step in range(start + 1, args.steps + 1):
-            tokens = batch_at(train_blocks, step - 1, args.batch_size, args.seed)
-            state, metrics = train_step(state, global_array(tokens.reshape(args.grad_accum, micro, -1), batch_sharding))
-            loss = float(metrics["loss"])
-            if not math.isfinite(loss):
-                print(f"train.py: loss is {loss} at step {step}; stopping. The last good checkpoint "
-                      f"({os.path.join(out, 'checkpoint')}, step {saved_step}) is kept.", file=sys.stderr)
-                return 1
-            bar.update(1)
-            if step % args.log_every == 0 or step == start + 1 or step == args.steps:
-                now = time.perf_counter()
-                row = {k: float(v) for k, v in metrics.items()}
-                row["tokens_per_s"] = (step - step_log) * args.batch_size * args.seq_len / (now - t_log)
-                t_log, step_log = now, step
-                record(step=step, **row)
-                bar.set_postfix(loss=f"{loss:.3f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
-            if step % args.eval_every == 0 and step != args.steps:
-                result = evaluate_now()
-                record(step=step, **result)
-                bar.write(f"step {step}: eval loss {result['eval_loss']:.3f}, accuracy {result['eval_accuracy']:.3f}")
-            if step % args.save_every == 0:
-                save_checkpoint(out, config, state, tok, args)
-                saved_step = step
-    except KeyboardInterrupt:
+    with log, StopRequests() as stop:
+        try:
+            for step in range(start + 1, args.steps + 1):
+                tokens = batch_at(train_blocks, step - 1, args.batch_size, args.seed)
+                state, metrics = train_step(state, global_array(tokens.reshape(args.grad_accum, micro, -1),
+                                                                batch_sharding))
+                loss = float(metrics["loss"])
+                if not math.isfinite(loss):
+                    kept = f"the last good checkpoint ({link}, step {saved_step}) is kept" if saved_step else \
+                        "no checkpoint had been saved"
+                    print(f"train.py: loss is {loss} at step {step}; stopping: {kept}.", file=sys.stderr)
+                    return 1
+                bar.update(1)
+                if step % args.log_every == 0 or step == start + 1 or step == args.steps:
+                    now = time.perf_counter()
+                    row = {k: float(v) for k, v in metrics.items()}
+                    row["tokens_per_s"] = (step - step_log) * args.batch_size * args.seq_len / (now - t_log)
+                    t_log, step_log = now, step
+                    record(step=step, **row)
+                    bar.set_postfix(loss=f"{loss:.3f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
+                if step % args.eval_every == 0 and step != args.steps:
+                    result = evaluate_now()
+                    record(step=step, **result)
+                    bar.write(f"step {step}: eval loss {result['eval_loss']:.3f}, "
+                              f"accuracy {result['eval_accuracy']:.3f}")
+                if step % args.save_every == 0:
+                    save()
+                if stop.any():
+                    bar.close()
+                    save()
+                    print(f"\ntrain.py: interrupted; saved step {step} to {link}; continue with: python train.py "
+                          f"--out {out} --resume{process_flags(args)}", file=sys.stderr)
+                    return 130
+        except KeyboardInterrupt:  # a second Ctrl-C
+            bar.close()
+            print(f"\ntrain.py: interrupted again; the checkpoint of step {saved_step} is kept", file=sys.stderr)
+            return 130
         bar.close()
-        save_checkpoint(out, config, state, tok, args)
-        print(f"\ntrain.py: interrupted; saved step {int(state['step'])} to {os.path.join(out, 'checkpoint')}; "
-              f"continue with: python train.py --out {out} --resume", file=sys.stderr)
-        return 130
-    bar.close()
-    result = evaluate_now()
-    record(step=args.steps, **result)
-    if saved_step != args.steps:
-        save_checkpoint(out, config, state, tok, args)
+        result = evaluate_now()
+        record(step=args.steps, **result)
+        save()
     seconds = time.perf_counter() - t_start
-    pictures = plot_run(out) if jax.process_index() == 0 else []
+    pictures = plot_run(out) if writer else []
     print(f"done: {args.steps} steps ({args.steps - start} in this run, {(args.steps - start) * args.batch_size * args.seq_len:,} "
           f"tokens, {seconds:.0f} s); eval loss {result['eval_loss']:.3f} (unigram entropy {entropy:.3f}), "
-          f"accuracy {result['eval_accuracy']:.3f}; checkpoint {os.path.join(out, 'checkpoint')}; "
-          f"pictures {', '.join(pictures)}")
+          f"accuracy {result['eval_accuracy']:.3f}; checkpoint {link}; pictures {', '.join(pictures)}")
     return 0
 
 
