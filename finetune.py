@@ -233,24 +233,8 @@ def load_model(args, task, num_labels):
     path = args.model_name_or_path
     if path is None:
         raise UsageError("give --model_name_or_path (a checkpoint folder or hub id) or --init scratch")
-    config, loaded = train.load_pretrained(path)
-    tok_spec = args.tokenizer or (os.path.join(path, "tokenizer.json")
-                                  if os.path.isfile(os.path.join(path, "tokenizer.json")) else None)
-    if tok_spec is None:
-        raise UsageError(f"{path} has no tokenizer.json: give --tokenizer (official checkpoints: bert-large-uncased)")
-    tok = train.get_tokenizer(tok_spec)
-    if tok.get_vocab_size() != config.vocab_size:
-        raise UsageError(f"the checkpoint's vocab_size is {config.vocab_size} but the tokenizer has "
-                         f"{tok.get_vocab_size()} tokens")
-    config = dataclasses.replace(config, num_labels=num_labels)
-    params = bigs.init_params(config, jax.random.key(args.seed), head)
-    fresh = []
-    for name in params:  # keep every part of the checkpoint that fits; draw the rest anew
-        same = name in loaded and jax.tree.map(jnp.shape, loaded[name]) == jax.tree.map(jnp.shape, params[name])
-        if same:
-            params[name] = loaded[name]
-        else:
-            fresh.append(name)
+    config, params, tok, fresh = train.from_checkpoint(path, args.tokenizer, head, jax.random.key(args.seed),
+                                                       num_labels=num_labels)
     print(f"finetune.py: from {path}; newly initialised: {', '.join(fresh)}")
     return config, params, tok
 

@@ -755,6 +755,45 @@ def test_bad_input_gets_a_one_line_error_before_any_work(tmp_path, corpus, capsy
         assert not os.path.exists(tmp_path / "bad"), flags  # nothing left behind
 
 
+def run_init(tmp_path, corpus, checkpoint, *flags, out="init"):
+    argv = ["--init", str(checkpoint), "--seq_len", "128", "--batch_size", "4", "--steps", "2", "--warmup", "1",
+            "--eval_batches", "1", "--dataset", corpus, "--cache_dir", cache_of(corpus), "--out", str(tmp_path / out),
+            *flags]
+    return train.main(argv)
+
+
+def test_init_starts_from_a_checkpoint_with_its_position_table_grown(tmp_path, corpus, straight, capsys):
+    ckpt = straight / "checkpoint"
+    config, params, tok, fresh = train.from_checkpoint(str(ckpt), None, "mlm", jax.random.key(0), positions=128)
+    _, saved = bigs.from_pretrained(str(ckpt))
+    assert config.max_position_embeddings == 128 and fresh == [] and tok.get_vocab_size() == 1000
+    table, learned = params["embeddings"]["position"], saved["embeddings"]["position"]  # (128, H), (64, H)
+    np.testing.assert_array_equal(table[:64], learned)  # positions 0-63 as trained
+    np.testing.assert_array_equal(table[64:], learned)  # 64-127 start as the repeated rows
+    for path, x in bigs.flatten(saved).items():
+        if path != "embeddings/position":
+            np.testing.assert_array_equal(bigs.flatten(params)[path], x, err_msg=path)
+    assert run_init(tmp_path, corpus, ckpt) == 0  # a run at 128 tokens from the 64-token checkpoint
+    grown, _ = bigs.from_pretrained(str(tmp_path / "init" / "checkpoint"))
+    assert grown.max_position_embeddings == 128 and grown.hidden_size == 32
+    capsys.readouterr()
+    assert run_init(tmp_path, corpus, ckpt, "--model", "small", out="bad") == 2
+    assert "--init takes the model from the checkpoint" in one_line_error(capsys)
+
+
+def test_init_from_the_official_checkpoint(tmp_path, corpus, tiny_vocab, capsys):
+    official_mlm = os.path.join(OFFICIAL, "mlm")
+    assert run_init(tmp_path, corpus, official_mlm, out="bad") == 2  # it has no tokenizer.json
+    assert "has no tokenizer.json: give --tokenizer" in one_line_error(capsys)
+    config, params, _, fresh = train.from_checkpoint(official_mlm, tiny_vocab, "mlm", jax.random.key(0))
+    _, official_params = official("mlm")
+    assert fresh == [] and config.max_position_embeddings == 64
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(official_params)):
+        np.testing.assert_array_equal(a, b)
+    assert run_init(tmp_path, corpus, official_mlm, "--tokenizer", tiny_vocab) == 0
+    assert not os.path.exists(tmp_path / "bad")
+
+
 def test_a_run_is_never_overwritten_or_shared(tmp_path, corpus, straight, capsys):
     out = tmp_path / "run"
     shutil.copytree(straight, out, symlinks=True)

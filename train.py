@@ -504,6 +504,36 @@ def load_pretrained(path, **settings):
         raise UsageError(str(e).strip().splitlines()[0])
 
 
+def from_checkpoint(path, tokenizer, head, key, positions=None, **changes):
+    """A start for a new run from a checkpoint (a folder or hub id, ours or official): -> (config, params,
+    tokenizer, names of the parts drawn anew). The config is the checkpoint's with `changes`; every part of
+    the checkpoint that fits the model with `head` is kept, the rest drawn anew (a new head, say). The
+    tokenizer is `tokenizer`, else the folder's tokenizer.json. positions: grow the position table to this
+    many rows by repeating the learned ones (row i starts as row i mod the checkpoint's positions)."""
+    config, loaded = load_pretrained(path)
+    spec = tokenizer or (os.path.join(path, "tokenizer.json") if os.path.isfile(os.path.join(path, "tokenizer.json"))
+                         else None)
+    if spec is None:
+        raise UsageError(f"{path} has no tokenizer.json: give --tokenizer (official checkpoints: bert-large-uncased)")
+    tok = get_tokenizer(spec)
+    if tok.get_vocab_size() != config.vocab_size:
+        raise UsageError(f"the checkpoint's vocab_size is {config.vocab_size} but the tokenizer has "
+                         f"{tok.get_vocab_size()} tokens")
+    if positions is not None and positions > config.max_position_embeddings:
+        table = loaded["embeddings"]["position"]  # (P, H)
+        loaded["embeddings"]["position"] = table[np.arange(positions) % table.shape[0]]
+        changes["max_position_embeddings"] = positions
+    config = dataclasses.replace(config, **changes)
+    params = bigs.init_params(config, key, head)
+    fresh = []
+    for name in params:
+        if name in loaded and jax.tree.map(jnp.shape, loaded[name]) == jax.tree.map(jnp.shape, params[name]):
+            params[name] = loaded[name]
+        else:
+            fresh.append(name)
+    return config, params, tok, fresh
+
+
 def load_checkpoint(out):
     path = os.path.join(out, "checkpoint")
     if not os.path.isfile(os.path.join(path, "train_state.json")):
@@ -589,6 +619,10 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description="Masked-LM pretraining of BiGS.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="small", choices=sorted(bigs.PRESETS), help="a bigs.PRESETS model")
+    p.add_argument("--init", default=None, metavar="CHECKPOINT",
+                   help="start from this checkpoint's weights (a folder or hub id, ours or official) with a fresh "
+                        "optimiser and schedule; its tokenizer.json or --tokenizer; a longer --seq_len repeats its "
+                        "position embeddings")
     p.add_argument("--seq_len", type=int, default=512, help="tokens per sequence")
     p.add_argument("--batch_size", type=int, default=None,
                    help="sequences per step (global); default: 8192 tokens per step")
@@ -835,8 +869,8 @@ LAUNCH = ("out", "resume", "plot", "benchmark", "multihost", "coordinator_addres
           "cache_dir", "given")
 # ...and, given on the command line, a flag replaces the saved value, except these, which define the model
 # and the data stream (a different value is an error: it would be another run).
-FIXED_ON_RESUME = ("model", "dataset", "dataset_config", "text_column", "tokenizer", "eval_fraction", "seq_len",
-                   "batch_size", "seed")
+FIXED_ON_RESUME = ("model", "init", "dataset", "dataset_config", "text_column", "tokenizer", "eval_fraction",
+                   "seq_len", "batch_size", "seed")
 
 
 def resumed_args(args, saved):
@@ -862,6 +896,13 @@ def run(args):
         if args.steps == start:
             print(f"train.py: the run in {args.out} is complete at step {start}; --steps N extends it", file=sys.stderr)
             return 0
+    elif args.init:
+        if "model" in args.given:
+            raise UsageError("--init takes the model from the checkpoint: leave out --model")
+        check_no_run(args.out)
+        config, params, tok, fresh = from_checkpoint(args.init, args.tokenizer, "mlm", jax.random.key(args.seed),
+                                                     positions=args.seq_len)
+        print(f"train.py: from {args.init}" + (f"; newly initialised: {', '.join(fresh)}" if fresh else ""))
     else:
         config, tok = bigs.PRESETS[args.model], None
         if not args.benchmark:
@@ -874,7 +915,9 @@ def run(args):
     if args.resume:
         state, shardings = place(state, mesh)
     else:
-        state, shardings = train_state(bigs.init_params(config, jax.random.key(args.seed), "mlm"), args.seed + 1, mesh)
+        if not args.init:
+            params = bigs.init_params(config, jax.random.key(args.seed), "mlm")
+        state, shardings = train_state(params, args.seed + 1, mesh)
     specials = special_ids(tok) if tok else np.arange(len(SPECIAL_TOKENS), dtype=np.int32)
     mask_id = tok.token_to_id("[MASK]") if tok else SPECIAL_TOKENS.index("[MASK]")
     train_step = make_train_step(config, args, jnp.asarray(specials), mask_id, state["params"], shardings, mesh)
