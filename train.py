@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import glob
 import hashlib
 import json
@@ -137,11 +138,14 @@ def get_tokenizer(spec, texts=None, vocab_size=None, cache_dir=None, source=None
         path = os.path.join(cache_dir, f"tokenizer-{key}.json")
         if os.path.exists(path):
             return Tokenizer.from_file(path)
+        t0 = time.perf_counter()
         tok = bert_tokenizer(models.WordPiece(unk_token="[UNK]"))
         trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False)
         tok.train_from_iterator((batch["text"] for batch in texts.iter(batch_size=1000)), trainer)
         os.makedirs(cache_dir, exist_ok=True)
         bigs.write_atomic(path, tok.to_str().encode())
+        print(f"train.py: trained a WordPiece tokenizer of {tok.get_vocab_size()} tokens in "
+              f"{time.perf_counter() - t0:.0f} s: {path}")
         return tok
     if spec.endswith(".txt"):
         if not os.path.isfile(spec):
@@ -180,21 +184,53 @@ def special_ids(tok):
     return np.array(sorted({tok.token_to_id(t) for t in SPECIAL_TOKENS if tok.token_to_id(t) is not None}), np.int32)
 
 
-def token_blocks(texts, tok, seq_len, cache_path):
-    """Tokenise every document (datasets.map, cached at cache_path), join them with [SEP] and cut the stream
-    into blocks [CLS] t_1 .. t_{seq_len-2} [SEP].  -> (num_blocks, seq_len) int32."""
-    def tokenize(batch):
-        return {"ids": [e.ids for e in tok.encode_batch(batch["text"], add_special_tokens=False)]}
-    ids = texts.map(tokenize, batched=True, remove_columns=["text"], cache_file_name=cache_path)
-    sep, cls = tok.token_to_id("[SEP]"), tok.token_to_id("[CLS]")
-    docs = [d for d in ids.with_format("numpy")["ids"] if len(d)]
-    stream = np.concatenate([np.append(d, sep) for d in docs]) if docs else np.zeros(0, np.int32)
-    body = seq_len - 2
-    n = len(stream) // body
-    blocks = np.full((n, seq_len), sep, np.int32)
-    blocks[:, 0] = cls
-    blocks[:, 1:-1] = stream[: n * body].reshape(n, body)
-    return blocks
+def stream_dtype(tok):
+    """The smallest integer type that holds every token id (BERT's 30522 fit in 16 bits)."""
+    return np.dtype(np.uint16 if tok.get_vocab_size() <= 1 << 16 else np.int32)
+
+
+def token_stream(texts, tok, path):
+    """Tokenises every document (the tokenizer runs on all cores) and writes them, each followed by [SEP],
+    as one flat file of token ids (path), once: a later run with the same corpus and tokenizer reads the
+    file. -> the stream, memory-mapped: no run holds it in memory."""
+    dtype = stream_dtype(tok)
+    if not os.path.exists(path):
+        sep, t0, total = tok.token_to_id("[SEP]"), time.perf_counter(), 0
+        with open(path + ".tmp", "wb") as f:
+            for batch in texts.iter(batch_size=1000):
+                docs = [e.ids + [sep] for e in tok.encode_batch(batch["text"], add_special_tokens=False) if e.ids]
+                ids = np.concatenate([np.asarray(d, dtype) for d in docs]) if docs else np.zeros(0, dtype)
+                f.write(ids.tobytes())
+                total += len(ids)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(path + ".tmp", path)
+        print(f"train.py: tokenised {len(texts)} documents into {total:,} tokens in "
+              f"{time.perf_counter() - t0:.0f} s: {path}")
+    return np.memmap(path, dtype, mode="r") if os.path.getsize(path) else np.zeros(0, dtype)
+
+
+class Blocks:
+    """The blocks [CLS] t_1 .. t_{seq_len-2} [SEP] cut one after another from a token stream (memory-mapped):
+    block i holds stream[i (seq_len-2) : (i+1) (seq_len-2)]. Indexing reads only the blocks asked for."""
+
+    def __init__(self, stream, seq_len, cls, sep):
+        self.stream, self.body, self.cls, self.sep = stream, seq_len - 2, cls, sep
+
+    def __len__(self):
+        return len(self.stream) // self.body
+
+    def __getitem__(self, index):  # index: an array of block numbers
+        out = np.empty((len(index), self.body + 2), np.int32)
+        out[:, 0], out[:, -1] = self.cls, self.sep
+        for row, i in zip(out, index):
+            row[1:-1] = self.stream[i * self.body:(i + 1) * self.body]
+        return out
+
+    def tokens(self):
+        """The stream's tokens that the blocks hold, in chunks (for statistics over all of them)."""
+        n, step = len(self) * self.body, 1 << 24
+        return (np.asarray(self.stream[i:min(i + step, n)]) for i in range(0, n, step))
 
 
 def load_data(args, config, cache_dir, tok=None):
@@ -206,23 +242,31 @@ def load_data(args, config, cache_dir, tok=None):
     tok = tok or get_tokenizer(args.tokenizer, texts, config.vocab_size, cache_dir, source)
     check_tokenizer(tok, config)
     split = texts.train_test_split(test_size=args.eval_fraction, seed=0)
-    key = hashlib.sha256(f"{source}|{tok.to_str()}|{args.eval_fraction}".encode()).hexdigest()[:16]
-    blocks = {name: token_blocks(split[name], tok, args.seq_len, os.path.join(cache_dir, f"ids-{key}-{name}.arrow"))
-              for name in ("train", "test")}
+    key = hashlib.sha256(f"{source}|{tok.to_str()}|{args.eval_fraction}|stream-v1".encode()).hexdigest()[:16]
+    os.makedirs(cache_dir, exist_ok=True)
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    blocks = {name: Blocks(token_stream(split[name], tok, os.path.join(cache_dir, f"ids-{key}-{name}.{stream_dtype(tok)}")),
+                           args.seq_len, cls, sep) for name in ("train", "test")}
     for name, b in blocks.items():
         if len(b) == 0:
             raise UsageError(f"the {name} split of {args.dataset} is shorter than one block of {args.seq_len} tokens")
     return tok, blocks["train"], blocks["test"]
 
 
-def batch_at(blocks, step, batch_size, seed):
-    """The blocks of global batch `step`: each epoch is a fresh permutation, so the data position is the step."""
-    i = step * batch_size + np.arange(batch_size)
+@functools.lru_cache(maxsize=2)
+def epoch_order(seed, epoch, n):
+    """The order of the n blocks in an epoch: a permutation drawn from the seed and the epoch alone."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def batch_at(blocks, step, batch_size, seed, rows):
+    """The rows `rows` (those this process feeds) of global batch `step` (0-based): each epoch is a fresh
+    permutation of the blocks, so the data position is the step."""
+    i = step * batch_size + rows
     epoch, index = np.divmod(i, len(blocks))
-    out = np.empty((batch_size, blocks.shape[1]), np.int32)
+    out = np.empty((len(i), blocks.body + 2), np.int32)
     for e in np.unique(epoch):
-        perm = np.random.default_rng([seed, int(e)]).permutation(len(blocks))
-        out[epoch == e] = blocks[perm[index[epoch == e]]]
+        out[epoch == e] = blocks[epoch_order(seed, int(e), len(blocks))[index[epoch == e]]]
     return out
 
 
@@ -429,19 +473,26 @@ def evaluate(eval_step, params, blocks, batch_size, max_batches, mesh):
     sums = np.zeros(3)
     n = min(max_batches, len(blocks) // batch_size) or 1
     for i in range(n):
-        batch = blocks[i * batch_size:(i + 1) * batch_size]
-        sharding = NamedSharding(mesh, P("data") if len(batch) % mesh.shape["data"] == 0 else P())
-        sums += [float(x) for x in eval_step(params, global_array(batch, sharding), jax.random.key(i))]
+        size = min(batch_size, len(blocks))
+        split = size % mesh.shape["data"] == 0  # over the data axis, each process reading its own rows
+        rows = i * batch_size + (process_rows(size) if split else np.arange(size))
+        batch = jax.make_array_from_process_local_data(NamedSharding(mesh, P("data") if split else P()), blocks[rows])
+        sums += [float(x) for x in eval_step(params, batch, jax.random.key(i))]
     return {"eval_loss": sums[0] / sums[2], "eval_accuracy": sums[1] / sums[2]}
+
+
+def process_rows(n):
+    """Which of n rows along the 'data' axis this process feeds: its own devices hold one contiguous block."""
+    k = n // jax.process_count()
+    return np.arange(k) + jax.process_index() * k
 
 
 def global_array(batch, sharding):
     """The global batch as one array split over the mesh; with several processes each contributes its rows
     of the 'data' axis (every process computes the same global batch from the seed and the step)."""
-    if jax.process_count() > 1 and "data" in tuple(sharding.spec):
+    if "data" in tuple(sharding.spec):
         axis = tuple(sharding.spec).index("data")
-        rows = batch.shape[axis] // jax.process_count()
-        batch = np.take(batch, np.arange(rows) + jax.process_index() * rows, axis=axis)
+        batch = np.take(batch, process_rows(batch.shape[axis]), axis=axis)
     return jax.make_array_from_process_local_data(sharding, batch)
 
 
@@ -941,9 +992,10 @@ def forget_replayed(log, step):
         bigs.write_atomic(log, "".join(rows).encode())
 
 
-def unigram_entropy(blocks, specials):
+def unigram_entropy(blocks, specials, vocab_size):
     """Entropy (nats) of the held-out tokens' own frequencies: the loss of a model that ignores context."""
-    counts = np.bincount(blocks[~np.isin(blocks, specials)])
+    counts = sum(np.bincount(chunk, minlength=vocab_size) for chunk in blocks.tokens())
+    counts[specials] = 0
     p = counts[counts > 0] / counts.sum()
     return float(-(p * np.log(p)).sum())
 
@@ -957,7 +1009,7 @@ def train_loop(args, config, state, tok, train_step, eval_step, mesh, train_bloc
         log.write(json.dumps(row) + "\n")
         log.flush()
     evaluate_now = lambda: evaluate(eval_step, state["params"], eval_blocks, args.batch_size, args.eval_batches, mesh)
-    entropy = unigram_entropy(eval_blocks, specials)
+    entropy = unigram_entropy(eval_blocks, specials, config.vocab_size)
     print(f"train.py: model {args.model} ({sum(x.size for x in jax.tree.leaves(state['params'])) / 1e6:.1f}M "
           f"parameters, {config.dtype}), {len(train_blocks)} train and {len(eval_blocks)} eval blocks of "
           f"{args.seq_len} tokens, batch {args.batch_size}, mesh {dict(mesh.shape)}, {jax.devices()[0].platform}")
@@ -966,7 +1018,8 @@ def train_loop(args, config, state, tok, train_step, eval_step, mesh, train_bloc
         record(step=0, **first_eval)
         print(f"step 0: eval loss {first_eval['eval_loss']:.3f} (unigram entropy of the eval tokens: {entropy:.3f})")
     batch_sharding = NamedSharding(mesh, P(None, "data"))
-    micro = args.batch_size // args.grad_accum
+    micro = args.batch_size // args.grad_accum  # each process reads the rows it feeds of each micro-batch:
+    rows = (np.arange(args.grad_accum)[:, None] * micro + process_rows(micro)).reshape(-1)
     saved_step, t_start = start, time.perf_counter()
 
     def save():
@@ -980,9 +1033,9 @@ def train_loop(args, config, state, tok, train_step, eval_step, mesh, train_bloc
     with log, StopRequests() as stop:
         try:
             for step in range(start + 1, args.steps + 1):
-                tokens = batch_at(train_blocks, step - 1, args.batch_size, args.seed)
-                state, metrics = train_step(state, global_array(tokens.reshape(args.grad_accum, micro, -1),
-                                                                batch_sharding))
+                tokens = batch_at(train_blocks, step - 1, args.batch_size, args.seed, rows)
+                tokens = tokens.reshape(args.grad_accum, -1, args.seq_len)
+                state, metrics = train_step(state, jax.make_array_from_process_local_data(batch_sharding, tokens))
                 loss = float(metrics["loss"])
                 if not math.isfinite(loss):
                     kept = f"the last good checkpoint ({link}, step {saved_step}) is kept" if saved_step else \
