@@ -925,6 +925,7 @@ FIXED_ON_RESUME = ("model", "init", "dataset", "dataset_config", "text_column", 
 
 
 def resumed_args(args, saved):
+    """The saved run's settings, with the flags given now in place of those that may change."""
     for name in sorted(args.given & set(FIXED_ON_RESUME)):
         if getattr(args, name) != saved.get(name):
             raise UsageError(f"--{name} {getattr(args, name)} differs from the run's {saved.get(name)}: it cannot "
@@ -939,6 +940,8 @@ def run(args):
         return 0
     start_processes(args)
     start = 0
+    if not (args.resume or args.benchmark):
+        check_no_run(args.out)
     if args.resume:
         config, state, tok, saved = load_checkpoint(args.out)
         args, start = resumed_args(args, saved["args"]), saved["step"]
@@ -950,14 +953,11 @@ def run(args):
     elif args.init:
         if "model" in args.given:
             raise UsageError("--init takes the model from the checkpoint: leave out --model")
-        check_no_run(args.out)
         config, params, tok, fresh = from_checkpoint(args.init, args.tokenizer, "mlm", jax.random.key(args.seed),
                                                      positions=args.seq_len)
         print(f"train.py: from {args.init}" + (f"; newly initialised: {', '.join(fresh)}" if fresh else ""))
     else:
         config, tok = bigs.PRESETS[args.model], None
-        if not args.benchmark:
-            check_no_run(args.out)
     config = dataclasses.replace(config, dtype="bfloat16" if args.bf16 else "float32", remat=args.remat)
     mesh = make_mesh(args.mesh)
     check_args(args, config, mesh)
