@@ -590,11 +590,15 @@ def cache_of(corpus):
     return os.path.join(os.path.dirname(corpus), "cache")
 
 
-def run_train(tmp_path, corpus, *flags, out="run"):
-    argv = ["--model", "tiny", "--seq_len", "64", "--batch_size", "8", "--steps", "6", "--warmup", "2",
+def train_argv(corpus, out):
+    """A six-step run of the tiny model that evaluates and saves at steps 3 and 6."""
+    return ["--model", "tiny", "--seq_len", "64", "--batch_size", "8", "--steps", "6", "--warmup", "2",
             "--log_every", "1", "--eval_every", "3", "--eval_batches", "2", "--save_every", "3",
-            "--dataset", corpus, "--cache_dir", cache_of(corpus), "--out", str(tmp_path / out), *flags]
-    return train.main(argv)
+            "--dataset", corpus, "--cache_dir", cache_of(corpus), "--out", str(out)]
+
+
+def run_train(tmp_path, corpus, *flags, out="run"):
+    return train.main(train_argv(corpus, tmp_path / out) + list(flags))
 
 
 def train_rows(tmp_path, out="run"):
@@ -657,9 +661,7 @@ sys.exit(train.main(sys.argv[2:]))
 
 def test_kill_9_while_saving_loses_only_the_steps_since_the_last_checkpoint(tmp_path, corpus, straight):
     out = tmp_path / "run"
-    argv = ["--model", "tiny", "--seq_len", "64", "--batch_size", "8", "--steps", "6", "--warmup", "2",
-            "--log_every", "1", "--eval_every", "3", "--eval_batches", "2", "--save_every", "3",
-            "--dataset", corpus, "--cache_dir", cache_of(corpus), "--out", str(out)]
+    argv = train_argv(corpus, out)  # the straight run's
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     p = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(out), *argv], cwd=HERE, env=env,
                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)

@@ -189,11 +189,12 @@ def stream_dtype(tok):
     return np.dtype(np.uint16 if tok.get_vocab_size() <= 1 << 16 else np.int32)
 
 
-def token_stream(texts, tok, path):
+def token_stream(texts, tok, stem):
     """Tokenises every document (the tokenizer runs on all cores) and writes them, each followed by [SEP],
-    as one flat file of token ids (path), once: a later run with the same corpus and tokenizer reads the
-    file. -> the stream, memory-mapped: no run holds it in memory."""
+    as one flat file of token ids (stem.<dtype>), once: a later run with the same corpus and tokenizer reads
+    the file. -> the stream, memory-mapped: no run holds it in memory."""
     dtype = stream_dtype(tok)
+    path = f"{stem}.{dtype}"
     if not os.path.exists(path):
         sep, t0, total = tok.token_to_id("[SEP]"), time.perf_counter(), 0
         with open(path + ".tmp", "wb") as f:
@@ -245,8 +246,8 @@ def load_data(args, config, cache_dir, tok=None):
     key = hashlib.sha256(f"{source}|{tok.to_str()}|{args.eval_fraction}|stream-v1".encode()).hexdigest()[:16]
     os.makedirs(cache_dir, exist_ok=True)
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
-    blocks = {name: Blocks(token_stream(split[name], tok, os.path.join(cache_dir, f"ids-{key}-{name}.{stream_dtype(tok)}")),
-                           args.seq_len, cls, sep) for name in ("train", "test")}
+    blocks = {name: Blocks(token_stream(split[name], tok, os.path.join(cache_dir, f"ids-{key}-{name}")), args.seq_len,
+                           cls, sep) for name in ("train", "test")}
     for name, b in blocks.items():
         if len(b) == 0:
             raise UsageError(f"the {name} split of {args.dataset} is shorter than one block of {args.seq_len} tokens")
@@ -472,11 +473,11 @@ def evaluate(eval_step, params, blocks, batch_size, max_batches, mesh):
     """Masked-LM loss and accuracy on the held-out blocks, with the same masks at every evaluation."""
     sums = np.zeros(3)
     n = min(max_batches, len(blocks) // batch_size) or 1
+    size = min(batch_size, len(blocks))
+    split = size % mesh.shape["data"] == 0  # over the data axis, each process reading its own rows
+    sharding, rows = NamedSharding(mesh, P("data") if split else P()), process_rows(size) if split else np.arange(size)
     for i in range(n):
-        size = min(batch_size, len(blocks))
-        split = size % mesh.shape["data"] == 0  # over the data axis, each process reading its own rows
-        rows = i * batch_size + (process_rows(size) if split else np.arange(size))
-        batch = jax.make_array_from_process_local_data(NamedSharding(mesh, P("data") if split else P()), blocks[rows])
+        batch = jax.make_array_from_process_local_data(sharding, blocks[i * batch_size + rows])
         sums += [float(x) for x in eval_step(params, batch, jax.random.key(i))]
     return {"eval_loss": sums[0] / sums[2], "eval_accuracy": sums[1] / sums[2]}
 
@@ -533,7 +534,7 @@ def save_checkpoint(out, config, state, tokenizer, args):
         os.remove(tmp_link)
     os.symlink(os.path.basename(final), tmp_link)
     os.replace(tmp_link, link)  # the atomic switch
-    if previous and previous != os.path.realpath(final):
+    if previous:
         shutil.rmtree(previous, ignore_errors=True)
 
 
@@ -639,7 +640,7 @@ def plot_run(out):
         plt.close(fig)
     checkpoint = os.path.join(out, "checkpoint") if os.path.isdir(os.path.join(out, "checkpoint")) else out
     if os.path.isfile(os.path.join(checkpoint, "flax_model.msgpack")):
-        config, params = bigs.from_pretrained(checkpoint)
+        config, params = load_pretrained(checkpoint)
         n = config.num_hidden_layers
         fig, axes = plt.subplots(n, 1, figsize=(8, 1.8 * n + 0.8), sharex=True, squeeze=False)
         kernel_length = 256  # lags drawn
@@ -754,7 +755,7 @@ def start_processes(args):
         try:
             jax.distributed.initialize()
         except (ValueError, RuntimeError) as e:
-            raise UsageError(f"--multihost found no other processes ({str(e).splitlines()[0]}); outside a TPU pod, "
+            raise UsageError(f"--multihost found no other processes ({cause(e)}); outside a TPU pod, "
                              "Slurm or Open MPI give --coordinator_address, --num_processes and --process_id")
 
 
