@@ -147,8 +147,8 @@ def layer_norm(p, x, eps):
 
 def layer_norm_residual(p, x, config):
     """(x, X = LayerNorm(x) in the compute dtype).  x: (L, batch, H) float32, the residual stream."""
-    if config.fast:
-        return pre_norm(p, x, config.layer_norm_eps, jnp.dtype(config.dtype))  # one backward pass for both
+    if config.fast and use_kernels():  # one backward pass for both, a kernel (on a CPU autodiff is faster)
+        return pre_norm(p, x, config.layer_norm_eps, jnp.dtype(config.dtype))
     return x, layer_norm(p, x, config.layer_norm_eps).astype(config.dtype)
 
 
@@ -160,8 +160,8 @@ def gelu_tanh(x, config):
 def ssm_conv(p, u, config, reverse=False):
     """SSM(u) along the time axis of u (L, batch, H), in u's dtype; reverse=True reads the sequence from its
     end: Flip(SSM(Flip(u)))."""
-    if config.fast:
-        return ssm_chunked(p, u, reverse)
+    if config.fast:  # chunks of 512 tokens; on a CPU, of 8 N (128 for the default model), each measured fastest
+        return ssm_chunked(p, u, reverse, Q=8 * config.num_ssm if jax.default_backend() == "cpu" else 512)
     flip = lambda a: jnp.flip(a, axis=0)
     return (flip(ssm(p, flip(u))) if reverse else ssm(p, u)).astype(u.dtype)
 
@@ -667,10 +667,27 @@ def ssm_chunked(p, u, reverse=False, Q=512):
 SCAN_CHANNELS = 64
 
 
-def on_one_gpu():
-    """Where this file's kernels run compiled: one GPU (XLA cannot split a kernel over a mesh, it would
-    gather the activations). Elsewhere the same sums run as XLA operations; the tests interpret the kernels."""
-    return jax.default_backend() == "gpu" and jax.device_count() == 1
+def use_kernels():
+    """Whether this file's kernels run: on a GPU, compiled by Triton. Elsewhere the same sums run as XLA
+    operations (the tests run the kernels interpreted on the CPU by making this return True)."""
+    return jax.default_backend() == "gpu"
+
+
+def per_device(f, args, in_axes, out_axes):
+    """f(*args), each device of the mesh in context (jax.set_mesh; train.py sets it) running f on its part of
+    the batch. in_axes: each argument's batch axis, or None for one that every device takes whole (the
+    SSM's matrices); out_axes: each output's batch axis. A kernel is one device's program: given arrays split
+    over devices, XLA would first gather them whole onto every device. The gradients of the whole
+    arguments are summed over the devices by shard_map's transpose. Without a mesh, or with a batch that
+    the 'data' axis does not divide, f runs on the whole arrays."""
+    from jax.sharding import PartitionSpec as P
+    mesh = jax.sharding.get_abstract_mesh()
+    batch = next(a.shape[axis] for a, axis in zip(args, in_axes) if axis is not None)
+    if mesh.empty or mesh.size == 1 or batch % dict(mesh.shape).get("data", batch + 1):
+        return f(*args)
+    spec = lambda axis: P() if axis is None else P(*[None] * axis, "data")
+    return jax.shard_map(f, mesh=mesh, in_specs=tuple(map(spec, in_axes)), out_specs=tuple(map(spec, out_axes)),
+                         check_vma=False)(*args)
 
 
 def compiled_on_gpu(num_warps):
@@ -683,8 +700,8 @@ def compiled_on_gpu(num_warps):
 
 
 def use_scan_kernel(u):
-    """Where the kernel is measured to win: one GPU, in bfloat16, H a multiple of SCAN_CHANNELS."""
-    return on_one_gpu() and u.dtype == jnp.bfloat16 and u.shape[-1] % SCAN_CHANNELS == 0
+    """Where the kernel is measured to win: on a GPU, in bfloat16, H a multiple of SCAN_CHANNELS."""
+    return use_kernels() and u.dtype == jnp.bfloat16 and u.shape[-1] % SCAN_CHANNELS == 0
 
 
 def scan_kernel(x_ref, T_ref, Sr_ref, Si_ref, Er_ref, Ei_ref, ar_ref, ai_ref, y_ref, xh_ref, *, reverse):
@@ -767,50 +784,56 @@ def ssm_scan(p, u, reverse=False, Q=128):
     A, _, _, dt = ssm_parameters(p)
     T, S, E = chunk_matrices(p, Q, reverse)
     a = jnp.exp((Q * dt) * A)  # (N,): a whole chunk
-    y = chunk_scan(x, T, S, E, jnp.stack([a.real, a.imag]), reverse)
+    scan = lambda x, T, S, E, a: (chunk_scan(x, T, S, E, a, reverse),)
+    (y,) = per_device(scan, (x, T, S, E, jnp.stack([a.real, a.imag])), (2, None, None, None, None), (2,))
     return y.reshape(nC * Q, batch, H)[:L]
 
 
 # 5c. ---------------------------------------------------------------------------------------------------
-# The block's LayerNorm with its backward pass written out. Autodiff's backward pass, as XLA compiles it,
-# makes several passes over the activations; written out it is one pass per row, which on one GPU is a
-# kernel. Since the residual path x + O(...) meets LayerNorm's input, the same pass adds the residual's
-# gradient dres:
+# The block's LayerNorm with its backward pass written out, as a GPU kernel: autodiff's backward pass, as
+# XLA compiles it for a GPU, makes several passes over the activations; written out it is one pass per row.
+# Since the residual path x + O(...) meets LayerNorm's input, the same pass adds the residual's gradient dres:
 #   xhat = (x - mean) rstd,   dx = dres + rstd (g s - mean(g s) - xhat mean(g s xhat)),
 #   dscale = sum over tokens of g xhat,   dbias = sum of g    (g: the output's gradient, s: the scale,
 #   means over the H features).
-
-
-def layer_norm_grad(x, g, scale, eps):
-    """For rows x (..., H) and their output's gradient g: LayerNorm's input gradient, and g xhat."""
-    mean, rstd = moments(x, eps)
-    xhat = (x - mean) * rstd
-    gs = g * scale
-    return rstd * (gs - gs.mean(-1, keepdims=True) - xhat * (gs * xhat).mean(-1, keepdims=True)), g * xhat
-
-
 # A program takes NORM_STEPS steps of NORM_ROWS rows (held in registers by 4 warps) and sums over its rows.
+# Triton loads and stores blocks whose size is a power of 2, so each row is read in pieces of the largest
+# power of 2 that divides H (BiGS-large: one piece of 1024; BiGS-base: three of 256).
 NORM_ROWS, NORM_STEPS = 4, 32
 
 
 def norm_kernel(x_ref, g_ref, dres_ref, scale_ref, dx_ref, dscale_ref, dbias_ref, *, eps):
-    """x, g, dres, dx: (128, H) rows; scale: (1, H); dscale, dbias: (1, H) this program's sums."""
+    """The pass above over pieces of rows.  x, g, dres, dx: (128, H) rows; scale: (1, H); dscale, dbias:
+    (1, H), this program's sums."""
     from jax.experimental import pallas as pl
+    H = x_ref.shape[1]
+    pieces = [pl.ds(j, H & -H) for j in range(0, H, H & -H)]
+    total = lambda parts: sum(a.sum(-1, keepdims=True) for a in parts)  # over the whole row: (NORM_ROWS, 1)
 
     def step(i, sums):
         rows = pl.ds(i * NORM_ROWS, NORM_ROWS)
-        g = g_ref[rows, :].astype(jnp.float32)
-        dx, gxhat = layer_norm_grad(x_ref[rows, :], g, scale_ref[...], eps)
-        dx_ref[rows, :] = dres_ref[rows, :] + dx
-        return sums[0] + gxhat.sum(0, keepdims=True), sums[1] + g.sum(0, keepdims=True)
+        x = [x_ref[rows, c] for c in pieces]
+        g = [g_ref[rows, c].astype(jnp.float32) for c in pieces]
+        mean = total(x) / H
+        rstd = jax.lax.rsqrt(total([jnp.square(a - mean) for a in x]) / H + eps)
+        xhat = [(a - mean) * rstd for a in x]
+        gs = [a * scale_ref[:, c] for a, c in zip(g, pieces)]
+        m1, m2 = total(gs) / H, total([a * b for a, b in zip(gs, xhat)]) / H
+        for c, a, b in zip(pieces, gs, xhat):
+            dx_ref[rows, c] = dres_ref[rows, c] + rstd * (a - m1 - b * m2)
+        return ([s + (a * b).sum(0, keepdims=True) for s, a, b in zip(sums[0], g, xhat)],
+                [s + a.sum(0, keepdims=True) for s, a in zip(sums[1], g)])
 
-    zero = jnp.zeros(scale_ref.shape, jnp.float32)
-    dscale_ref[...], dbias_ref[...] = jax.lax.fori_loop(0, NORM_STEPS, step, (zero, zero))
+    zero = [jnp.zeros((1, H & -H), jnp.float32)] * len(pieces)
+    dscale, dbias = jax.lax.fori_loop(0, NORM_STEPS, step, (zero, zero))
+    for c, a, b in zip(pieces, dscale, dbias):
+        dscale_ref[:, c], dbias_ref[:, c] = a, b
 
 
 def norm_call(x, g, dres, scale, eps):
     """Runs norm_kernel over blocks of rows, the last one padded with zero rows (whose gradients are 0).
-    x, dres: (T, H) float32, g: (T, H), scale: (H,) -> dx (T, H), dscale, dbias (H,)."""
+    x, dres: (T, H) float32, g: (T, H), scale: (H,) -> dx (T, H), and dscale, dbias (nP, 1, H): the sums of
+    each program's rows."""
     from jax.experimental import pallas as pl
     T, H = x.shape
     R = NORM_ROWS * NORM_STEPS
@@ -822,7 +845,7 @@ def norm_call(x, g, dres, scale, eps):
         out_shape=[jax.ShapeDtypeStruct((nP * R, H), jnp.float32)] + 2 * [jax.ShapeDtypeStruct((nP, 1, H), jnp.float32)],
         **compiled_on_gpu(num_warps=4),
     )(*(jnp.pad(a, ((0, nP * R - T), (0, 0))) for a in (x, g, dres)), scale[None].astype(jnp.float32))
-    return dx[:T], dscale.sum((0, 1)), dbias.sum((0, 1))
+    return dx[:T], dscale, dbias
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -838,16 +861,12 @@ def pre_norm_forward(p, x, eps, dtype):
 
 
 def pre_norm_backward(eps, dtype, saved, grads):
-    scale, x = saved
-    (dres, g), H = grads, x.shape[-1]
-    x2, g2, dres2 = (a.reshape(-1, H) for a in (x, g, dres))  # (tokens, H)
-    if on_one_gpu() and H & (H - 1) == 0:  # Triton's blocks are powers of 2 (BiGS-large: H = 1024)
-        dx, dscale, dbias = norm_call(x2, g2, dres2, scale, eps)
-    else:
-        g2 = g2.astype(jnp.float32)
-        dx, gxhat = layer_norm_grad(x2, g2, scale, eps)
-        dx, dscale, dbias = dres2 + dx, gxhat.sum(0), g2.sum(0)
-    return {"scale": dscale, "bias": dbias}, dx.reshape(x.shape)
+    scale, x = saved  # x: (L, batch, H)
+    def rows(x, g, dres, scale):  # one device's (L, batch, H) arrays as rows of H
+        dx, dscale, dbias = norm_call(*(a.reshape(-1, a.shape[-1]) for a in (x, g, dres)), scale, eps)
+        return dx.reshape(x.shape), dscale, dbias
+    dx, dscale, dbias = per_device(rows, (x, grads[1], grads[0], scale), (1, 1, 1, None), (1, 0, 0))
+    return {"scale": dscale.sum((0, 1)), "bias": dbias.sum((0, 1))}, dx
 
 
 pre_norm.defvjp(pre_norm_forward, pre_norm_backward)

