@@ -580,6 +580,7 @@ def fill_mask(params, config, tokenizer, text, top_k=5):
 #    5c. pre_norm: LayerNorm with a hand-written backward pass, a GPU kernel (reference: layer_norm, autodiff);
 #    5d. gelu_fast: the tanh GELU with a hand-written backward pass (reference: jax.nn.gelu, autodiff).
 #    The kernels are written in Pallas and compiled by Triton on a GPU; on a CPU the tests interpret them.
+#    On a mesh each device runs them on its own sequences (per_device, in 5b).
 
 
 # 5a. ---------------------------------------------------------------------------------------------------
@@ -623,7 +624,7 @@ def ssm_chunked(p, u, reverse=False, Q=512):
     Time comes first so that each matmul contracts u's leading axis: all sequences and channels are the
     columns of one GEMM, (Q, Q) x (Q, batch*H), with no transposes and no per-sequence copies of T.
     The matmuls run in u's dtype (bfloat16 in mixed precision; their gradients then do too).
-    On one GPU in bfloat16, sequences longer than 2Q go to `ssm_scan`, the same sum as one kernel."""
+    On GPUs in bfloat16, sequences longer than 2Q go to `ssm_scan`, the same sum as one kernel."""
     L, batch, H = u.shape
     if L > 2 * Q and use_scan_kernel(u):
         return ssm_scan(p, u, reverse)

@@ -166,7 +166,7 @@ def test_chunked_matmul_form_equals_fft_form(L, Q):
 
 @pytest.mark.parametrize("L,Q", [(1, 32), (100, 32), (300, 64), (1000, 128)])
 def test_scan_kernel_interpreted_equals_fft_form(L, Q):
-    """On one GPU, long sequences run ssm_scan: the chunked form as one Pallas kernel whose gradient is the
+    """On GPUs, long sequences run ssm_scan: the chunked form as one Pallas kernel whose gradient is the
     same kernel run the other way. Here it runs interpreted on the CPU: values and gradients equal the
     FFT form computed in float64, in both directions."""
     p = random_ssm(jax.random.key(L), N=16, log_step=-3.0)
