@@ -684,7 +684,7 @@ def per_device(f, args, in_axes, out_axes):
     from jax.sharding import PartitionSpec as P
     mesh = jax.sharding.get_abstract_mesh()
     batch = next(a.shape[axis] for a, axis in zip(args, in_axes) if axis is not None)
-    if mesh.empty or mesh.size == 1 or batch % dict(mesh.shape).get("data", batch + 1):
+    if mesh.empty or mesh.size == 1 or "data" not in mesh.axis_names or batch % mesh.shape["data"]:
         return f(*args)
     spec = lambda axis: P() if axis is None else P(*[None] * axis, "data")
     return jax.shard_map(f, mesh=mesh, in_specs=tuple(map(spec, in_axes)), out_specs=tuple(map(spec, out_axes)),

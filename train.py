@@ -548,12 +548,19 @@ def remove_orphans(out):
             shutil.rmtree(path, ignore_errors=True)
 
 
-def load_pretrained(path, **settings):
-    """bigs.from_pretrained, with a checkpoint that cannot be read reported as one line."""
+@contextlib.contextmanager
+def unreadable_as_usage_error():
+    """A checkpoint file that cannot be read (bigs' readers raise OSError or ValueError) reported as one line."""
     try:
-        return bigs.from_pretrained(path, **settings)
+        yield
     except (OSError, ValueError) as e:
         raise UsageError(str(e).strip().splitlines()[0])
+
+
+def load_pretrained(path, **settings):
+    """bigs.from_pretrained, with a checkpoint that cannot be read reported as one line."""
+    with unreadable_as_usage_error():
+        return bigs.from_pretrained(path, **settings)
 
 
 def from_checkpoint(path, tokenizer, head, key, positions=None, **changes):
@@ -591,10 +598,8 @@ def load_checkpoint(out):
     if not os.path.isfile(os.path.join(path, "train_state.json")):
         raise UsageError(f"no checkpoint to resume in {out} (expected {path}/train_state.json)")
     config, params = load_pretrained(path)
-    try:
+    with unreadable_as_usage_error():
         opt = bigs.load_msgpack(os.path.join(path, "optimizer.msgpack"))
-    except (OSError, ValueError) as e:
-        raise UsageError(str(e).strip().splitlines()[0])
     with open(os.path.join(path, "train_state.json")) as f:
         try:
             ts = json.load(f)
