@@ -150,10 +150,12 @@ def from_rows(task, rows, source):
     rows = list(rows)
     if not rows:
         raise UsageError(f"{source} has no rows")
-    missing = [c for c in task.columns + ("label",) if c not in rows[0]]
-    if missing:
-        raise UsageError(f"{source} lacks the column(s) {', '.join(missing)} (this task needs "
-                         f"{', '.join(task.columns + ('label',))})")
+    need = task.columns + ("label",)
+    for i, r in enumerate(rows):  # a short CSV row reads as None, a .tab line without a tab lacks 'text'
+        missing = [c for c in need if not isinstance(r, dict) or r.get(c) is None]
+        if missing:
+            raise UsageError(f"{source}{f' row {i + 1}' if i else ''} lacks the column(s) {', '.join(missing)} "
+                             f"(this task needs {', '.join(need)})")
     labels = [label_value(task, r["label"], f"{source} row {i + 1}") for i, r in enumerate(rows)]
     return {"texts": [[str(r[c]) for r in rows] for c in task.columns],
             "label": np.asarray(labels, np.float32 if task.labels is None else np.int32)}
@@ -185,11 +187,18 @@ def read_file(task, path):
         raise UsageError(f"data file not found: {path}")
     if path.endswith((".json", ".jsonl")):
         with open(path, encoding="utf-8") as f:
-            rows = [json.loads(line) for line in f if line.strip()]
+            rows = [json_line(line, f"{path} line {i + 1}") for i, line in enumerate(f) if line.strip()]
     else:
         with open(path, encoding="utf-8", newline="") as f:
             rows = list(csv.DictReader(f))
     return from_rows(task, rows, path)
+
+
+def json_line(line, where):
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{where} is not JSON ({e.msg})")
 
 
 def read_tab(task, path):

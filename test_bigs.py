@@ -1139,6 +1139,13 @@ def test_finetune_bad_input_before_training(tmp_path, tiny_vocab, capsys):
     assert "no --data_dir or --train_file for sst2, and the hub" in error(*good[:2], *good[4:])
     bad_columns = write_files(tmp_path / "cols", {"train.tsv": "text\tlabel\nhi\t1\n", "dev.tsv": "text\tlabel\n"})
     assert "lacks the column(s) sentence" in error("--task", "sst2", "--data_dir", bad_columns)
+    short_row = write_files(tmp_path / "short", {"train.csv": "sentence,label\nok,1\nno label\n",
+                                                  "dev.jsonl": '{"sentence": "ok", "label": 1}\n{"sentence": "ok"\n'})
+    files = lambda split: os.path.join(short_row, split)
+    assert "train.csv row 2 lacks the column(s) label" in error("--task", "sst2", "--train_file", files("train.csv"),
+                                                                 "--validation_file", files("train.csv"))
+    assert "dev.jsonl line 2 is not JSON" in error("--task", "sst2", "--train_file", files("dev.jsonl"),
+                                                   "--validation_file", files("dev.jsonl"))
     bad_label = write_files(tmp_path / "label", {"train.tsv": "sentence\tlabel\nok\t1\nno\t7\n",
                                                  "dev.tsv": "sentence\tlabel\nok\t1\n"})
     assert "train.tsv row 2: label '7' is outside this task's labels 0..1" in error("--task", "sst2", "--data_dir",
@@ -1202,6 +1209,9 @@ def test_topic_task_reads_orange_files_and_train_limit_keeps_each_class_share(tm
     assert load("--train_limit", "10")["train"]["texts"] == full["train"]["texts"]
     with pytest.raises(train.UsageError, match="--train_limit 11 exceeds the 10 training examples"):
         load("--train_limit", "11")
+    (tmp_path / "data" / "reuters-r8-test.tab").write_text(orange_corpus([("earn", "profit up")]) + "acq no tab\n")
+    with pytest.raises(train.UsageError, match=r"reuters-r8-test.tab row 2 lacks the column\(s\) text"):
+        load()
     (tmp_path / "data" / "reuters-r8-test.tab").write_text("Text\tCategory\n")
     with pytest.raises(train.UsageError, match="not an Orange corpus with the columns Category and Text"):
         load()
