@@ -130,12 +130,10 @@ def ssm_recurrent(p, u):
 
 
 def dense(p, x, dtype):
-    """x (..., n) @ kernel (n, m) + bias. On a CPU as one matmul of (tokens, n): with the leading axes kept,
-    the kernel's gradient contracts two axes at once, which XLA's CPU backend does at about half the rate of
-    a matmul (README, Benchmarks). Elsewhere the form measured on GPUs."""
+    """x (..., n) @ kernel (n, m) + bias, as one matmul of (tokens, n): with the leading axes kept, the kernel's
+    gradient contracts two axes at once, which XLA's CPU backend does at about half the rate of a matmul
+    (README, Benchmarks); on GPUs the two forms run at the same speed."""
     x, kernel = x.astype(dtype), p["kernel"].astype(dtype)
-    if jax.default_backend() != "cpu":
-        return jnp.dot(x, kernel) + p["bias"].astype(dtype)
     return (jnp.dot(x.reshape(-1, x.shape[-1]), kernel) + p["bias"].astype(dtype)).reshape(x.shape[:-1] + (-1,))
 
 
