@@ -259,8 +259,6 @@ def read_task_data(args, task):
                 **{split: read_tsv(task, os.path.join(args.data_dir, f"{name}.tsv"))
                    for split, name in zip(task.eval_splits, task.tsv_eval)}}
     if args.train_file or args.validation_file:
-        if not (args.train_file and args.validation_file):
-            raise UsageError("--train_file and --validation_file go together")
         return {"train": read_file(task, args.train_file), task.eval_splits[0]: read_file(task, args.validation_file)}
     import datasets
     train.check_hub(f"no --data_dir or --train_file for {args.task}")
@@ -300,14 +298,10 @@ def load_model(args, task, num_labels):
     """(config, params, tokenizer)."""
     head = "classification"
     if args.init == "scratch":
-        if not args.tokenizer:
-            raise UsageError("--init scratch needs --tokenizer (a vocab.txt, tokenizer.json or hub id)")
         tok = train.get_tokenizer(args.tokenizer)
         config = dataclasses.replace(bigs.PRESETS[args.model], vocab_size=tok.get_vocab_size(), num_labels=num_labels)
         return config, bigs.init_params(config, jax.random.key(args.seed), head), tok
     path = args.model_name_or_path
-    if path is None:
-        raise UsageError("give --model_name_or_path (a checkpoint folder or hub id) or --init scratch")
     config, params, tok, fresh = train.from_checkpoint(path, args.tokenizer, head, jax.random.key(args.seed),
                                                        num_labels=num_labels)
     print(f"finetune.py: from {path}; newly initialised: {', '.join(fresh)}")
@@ -331,7 +325,6 @@ def recipe(config):
 def main_score(task):
     """The score that 'best seen' and the learning curve follow: the first metric on the first eval split."""
     return f"{task.eval_splits[0]}_{next(iter(task.metrics))}"
-
 
 
 def loss_fn(params, config, regression, batch, rng):
@@ -442,6 +435,12 @@ def check_args(args):
                            ("eval_every", lambda v: v >= 1, "at least 1"), ("train_limit", lambda v: v >= 1, "at least 1")):
         if getattr(args, name) is not None and not ok(getattr(args, name)):
             raise UsageError(f"--{name} {getattr(args, name)} must be {rule}")
+    if args.init == "scratch" and not args.tokenizer:
+        raise UsageError("--init scratch needs --tokenizer (a vocab.txt, tokenizer.json or hub id)")
+    if args.init != "scratch" and args.model_name_or_path is None:
+        raise UsageError("give --model_name_or_path (a checkpoint folder or hub id) or --init scratch")
+    if bool(args.train_file) != bool(args.validation_file):
+        raise UsageError("--train_file and --validation_file go together")
     train.check_writable(args.out)
     train.check_no_run(args.out, resume_hint=False)
 
@@ -466,21 +465,23 @@ def run(args):
     task, out = TASKS[args.task], args.out
     regression = task.labels is None
     mesh = train.make_mesh(args.mesh)
-    data = load_task_data(args, task)
-    config, params, tok = load_model(args, task, 1 if regression else len(task.labels))
+    config, params, tok = load_model(args, task, 1 if regression else len(task.labels))  # the recipe needs config
     name, values = recipe(config)
     given = {k: getattr(args, k) for k in values if getattr(args, k) is not None}
     vars(args).update(dict(values, **given))  # a flag always wins
     print(f"finetune.py: lr {args.lr}, {args.epochs:g} epochs, batch {args.batch_size}, warmup {args.warmup_ratio} "
           f"({name} recipe{', with the flags given' if given else ''})")
     if args.batch_size % mesh.shape["data"]:
-        raise UsageError(f"--batch_size {args.batch_size} must be a multiple of the {mesh.shape['data']} data devices")
+        origin, hint = (("--batch_size", "") if "batch_size" in given else
+                        (f"the {name} recipe's batch size", "; give --batch_size"))
+        raise UsageError(f"{origin} {args.batch_size} must be a multiple of the {mesh.shape['data']} data devices{hint}")
     if args.max_seq_length is None:
         args.max_seq_length = min(128, config.max_position_embeddings)
     if not 1 <= args.max_seq_length <= config.max_position_embeddings:
         raise UsageError(f"--max_seq_length {args.max_seq_length} must be in 1..{config.max_position_embeddings} "
                          "(the model's max_position_embeddings)")
     config = dataclasses.replace(config, dtype="bfloat16" if args.bf16 else "float32", remat=args.remat)
+    data = load_task_data(args, task)
     examples = {split: tokenize(tok, d, args.max_seq_length) for split, d in data.items()}
 
     total = max(1, round(args.epochs * -(-len(examples["train"]) // args.batch_size)))

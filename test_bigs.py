@@ -1009,6 +1009,12 @@ def test_two_processes_finetune_as_one_process_with_four_devices(tmp_path, tiny_
     a, b = (bigs.from_pretrained(str(tmp_path / out / "checkpoint"))[1] for out in ("one", "two"))
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
+    bad = argv("bad")  # a batch that the 4 devices cannot split: refused before the data is read
+    bad[bad.index("--batch_size") + 1], bad[bad.index(data)] = "3", str(tmp_path / "nowhere")
+    p, = start_processes("finetune.py", bad, 1, 4)
+    err = p.communicate(timeout=300)[1].strip()
+    assert p.returncode == 2 and err.splitlines()[-1].endswith("must be a multiple of the 4 data devices"), err
+    assert not (tmp_path / "bad").exists()
 
 
 # ===================================================================================================
@@ -1137,19 +1143,22 @@ def test_finetune_bad_input_before_training(tmp_path, tiny_vocab, capsys):
         return one_line_error(capsys, "finetune.py")
     assert "one of cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli, 20newsgroups, reuters8" in error("--task", "glue9")
     assert "no --data_dir or --train_file for sst2, and the hub" in error(*good[:2], *good[4:])
+    nowhere = str(tmp_path / "nowhere")  # the flags are checked before the data is read
+    assert "--init scratch needs --tokenizer" in error("--task", "sst2", "--data_dir", nowhere, "--init", "scratch")
+    assert "give --model_name_or_path" in error("--task", "sst2", "--data_dir", nowhere)
     bad_columns = write_files(tmp_path / "cols", {"train.tsv": "text\tlabel\nhi\t1\n", "dev.tsv": "text\tlabel\n"})
-    assert "lacks the column(s) sentence" in error("--task", "sst2", "--data_dir", bad_columns)
+    assert "lacks the column(s) sentence" in error("--task", "sst2", "--data_dir", bad_columns, *good[4:])
     short_row = write_files(tmp_path / "short", {"train.csv": "sentence,label\nok,1\nno label\n",
                                                   "dev.jsonl": '{"sentence": "ok", "label": 1}\n{"sentence": "ok"\n'})
     files = lambda split: os.path.join(short_row, split)
     assert "train.csv row 2 lacks the column(s) label" in error("--task", "sst2", "--train_file", files("train.csv"),
-                                                                 "--validation_file", files("train.csv"))
+                                                                 "--validation_file", files("train.csv"), *good[4:])
     assert "dev.jsonl line 2 is not JSON" in error("--task", "sst2", "--train_file", files("dev.jsonl"),
-                                                   "--validation_file", files("dev.jsonl"))
+                                                   "--validation_file", files("dev.jsonl"), *good[4:])
     bad_label = write_files(tmp_path / "label", {"train.tsv": "sentence\tlabel\nok\t1\nno\t7\n",
                                                  "dev.tsv": "sentence\tlabel\nok\t1\n"})
     assert "train.tsv row 2: label '7' is outside this task's labels 0..1" in error("--task", "sst2", "--data_dir",
-                                                                                   bad_label)
+                                                                                   bad_label, *good[4:])
     big_vocab = tmp_path / "big_vocab.txt"
     big_vocab.write_text("\n".join(train.SPECIAL_TOKENS + [f"w{i}" for i in range(1200)]))
     assert "vocab_size is 1000 but the tokenizer has 1205 tokens" in error(*good, "--tokenizer", str(big_vocab))
