@@ -310,11 +310,24 @@ def load_model(args, task, num_labels):
 
 # ----------------------------------------------------------------------------------------------------
 # Training and evaluation. The recipe, where no flag sets it: the paper's for BiGS-base and -large (and the
-# official checkpoints); for the small models that train on a laptop, one measured on reuters8 (README:
+# official checkpoints); for the small models that train on a laptop, one measured on the topic tasks (README:
 # "Finetuning on GLUE").
 
-RECIPES = {"paper": {"lr": 2e-5, "epochs": 3, "batch_size": 16, "warmup_ratio": 0.1},
-           "small": {"lr": 1e-3, "epochs": 10, "batch_size": 16, "warmup_ratio": 0.1}}
+RECIPES = {"paper": {"lr": 2e-5, "epochs": 3, "batch_size": 16, "warmup_ratio": 0.1, "embedding_rms": 0},
+           "small": {"lr": 1e-3, "epochs": 10, "batch_size": 16, "warmup_ratio": 0.1, "embedding_rms": 0.02}}
+
+
+def rescale_embeddings(params, rms):
+    """params with the word, position and token-type tables scaled by one factor that gives the word table
+    this rms. The LayerNorm over their sum divides a common factor out, so the model's outputs do not change;
+    what changes is how fast finetuning moves the tables. AdamW's steps have a fixed size, so a table that
+    pretraining grew (the default run's word table ends near rms 0.056; it starts at 0.02) moves relatively
+    slower than a fresh one, and a small model finetuned from it can stay at chance (README: "Finetuning on
+    GLUE")."""
+    e = params["embeddings"]
+    factor = rms / float(np.sqrt(np.mean(np.square(e["word"], dtype=np.float64))))  # on the host, as loaded
+    scaled = {k: np.asarray(e[k]) * factor for k in ("word", "position", "token_type")}
+    return dict(params, embeddings=dict(e, **scaled))
 
 
 def recipe(config):
@@ -402,6 +415,9 @@ def parse_args(argv):
     p.add_argument("--epochs", type=float, default=None, help=from_recipe)
     p.add_argument("--lr", type=float, default=None, help=from_recipe)
     p.add_argument("--warmup_ratio", type=float, default=None, help=from_recipe)
+    p.add_argument("--embedding_rms", type=float, default=None,
+                   help="scale the pretrained embedding tables together to this rms (the word table's) before "
+                        "training, which leaves the model's outputs unchanged; 0: as pretrained; " + from_recipe)
     p.add_argument("--weight_decay", type=float, default=0.01)
     p.add_argument("--beta1", type=float, default=0.9)
     p.add_argument("--beta2", type=float, default=0.999)
@@ -431,6 +447,7 @@ def check_args(args):
     for name, ok, rule in (("batch_size", lambda v: v >= 1, "at least 1"), ("lr", lambda v: v > 0, "positive"),
                            ("epochs", lambda v: v >= 1, "at least 1"), ("clip_grad", lambda v: v > 0, "positive"),
                            ("warmup_ratio", lambda v: 0 <= v <= 1, "in [0, 1]"),
+                           ("embedding_rms", lambda v: v >= 0, "at least 0"),
                            ("weight_decay", lambda v: v >= 0, "at least 0"),
                            ("eval_every", lambda v: v >= 1, "at least 1"), ("train_limit", lambda v: v >= 1, "at least 1")):
         if getattr(args, name) is not None and not ok(getattr(args, name)):
@@ -469,8 +486,12 @@ def run(args):
     name, values = recipe(config)
     given = {k: getattr(args, k) for k in values if getattr(args, k) is not None}
     vars(args).update(dict(values, **given))  # a flag always wins
-    print(f"finetune.py: lr {args.lr}, {args.epochs:g} epochs, batch {args.batch_size}, warmup {args.warmup_ratio} "
+    rescale = args.init == "pretrained" and args.embedding_rms > 0
+    print(f"finetune.py: lr {args.lr}, {args.epochs:g} epochs, batch {args.batch_size}, warmup {args.warmup_ratio}"
+          f"{f', embeddings scaled to rms {args.embedding_rms:g}' if rescale else ''} "
           f"({name} recipe{', with the flags given' if given else ''})")
+    if rescale:
+        params = rescale_embeddings(params, args.embedding_rms)
     if args.batch_size % mesh.shape["data"]:
         origin, hint = (("--batch_size", "") if "batch_size" in given else
                         (f"the {name} recipe's batch size", "; give --batch_size"))

@@ -1120,7 +1120,8 @@ def test_finetunes_end_to_end(task, tmp_path, tiny_vocab, capsys):
     t = finetune.TASKS[task]
     keys = {f"{split}_{m}" for split in t.eval_splits for m in t.metrics}
     assert keys <= set(result["final"]) and keys <= set(result["best"]) and result["final"]["step"] == 2
-    assert "final (step 2)" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "final (step 2)" in printed and "embeddings scaled to rms 0.02 (small recipe" in printed
     lines = (tmp_path / "out" / f"predictions_{t.eval_splits[0]}.tsv").read_text().splitlines()
     assert len(lines) == 1 + len(GLUE_FILES[task]["dev_matched.tsv" if task == "mnli" else "dev.tsv"].splitlines()) - 1
     config, params = bigs.from_pretrained(str(tmp_path / "out" / "checkpoint"))
@@ -1164,7 +1165,8 @@ def test_finetune_bad_input_before_training(tmp_path, tiny_vocab, capsys):
     assert "vocab_size is 1000 but the tokenizer has 1205 tokens" in error(*good, "--tokenizer", str(big_vocab))
     for flag, value, message in (("--batch_size", "0", "at least 1"), ("--lr", "-1.0", "positive"),
                                  ("--epochs", "0.5", "at least 1"), ("--max_seq_length", "100000", "in 1..64"),
-                                 ("--max_seq_length", "0", "in 1..64"), ("--warmup_ratio", "2.0", "in [0, 1]")):
+                                 ("--max_seq_length", "0", "in 1..64"), ("--warmup_ratio", "2.0", "in [0, 1]"),
+                                 ("--embedding_rms", "-0.02", "at least 0")):
         assert f"{flag} {value} must be {message}" in error(*good, flag, value)
     truncated = tmp_path / "truncated"
     shutil.copytree(os.path.join(OFFICIAL, "mlm"), truncated)
@@ -1233,9 +1235,24 @@ def test_macro_f1_averages_each_class_f1():
     assert finetune.macro_f1(label, label) == 1.0 and finetune.accuracy(pred, label) == pytest.approx(4 / 6)
 
 
+def test_rescaled_embeddings_leave_the_outputs_unchanged():
+    config = dataclasses.replace(bigs.PRESETS["tiny"], num_labels=3)
+    params = bigs.init_params(config, jax.random.key(0), "classification")
+    e = params["embeddings"]  # tables grown unevenly, as pretraining leaves them
+    params = dict(params, embeddings=dict(e, word=e["word"] * 3.0, position=e["position"] * 1.5))
+    scaled = finetune.rescale_embeddings(params, 0.02)
+    assert float(jnp.sqrt(jnp.mean(jnp.square(scaled["embeddings"]["word"])))) == pytest.approx(0.02, rel=1e-5)
+    ids = jax.random.randint(jax.random.key(1), (2, 16), 0, config.vocab_size)
+    types = jnp.zeros_like(ids).at[:, 8:].set(1)
+    logits = lambda p: bigs.forward(p, config, ids, token_type_ids=types, head="classification")
+    np.testing.assert_allclose(logits(scaled), logits(params), rtol=1e-5, atol=1e-6)
+    word_only = dict(params, embeddings=dict(params["embeddings"], word=scaled["embeddings"]["word"]))
+    assert not np.allclose(logits(word_only), logits(params), rtol=1e-3, atol=1e-4)  # one factor for all three
+
+
 def test_finetune_recipe_fits_the_model_and_a_flag_wins(tmp_path, tiny_vocab, capsys):
     assert finetune.recipe(bigs.PRESETS["large"]) == ("paper", {"lr": 2e-5, "epochs": 3, "batch_size": 16,
-                                                                "warmup_ratio": 0.1})
+                                                                "warmup_ratio": 0.1, "embedding_rms": 0})
     assert finetune.recipe(bigs.PRESETS["base"])[0] == "paper" and finetune.recipe(bigs.PRESETS["small"])[0] == "small"
     argv = ["--task", "reuters8", "--data_dir", write_files(tmp_path / "data", REUTERS), "--init", "scratch",
             "--model", "tiny", "--tokenizer", tiny_vocab]
