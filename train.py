@@ -94,8 +94,9 @@ def load_texts(dataset, dataset_config, text_column):
         if empty:
             raise UsageError(f"data file {empty[0]} is empty")
         kind = "json" if all(f.endswith((".json", ".jsonl")) for f in files) else "text"
-        datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its reader logs the error that it raises,
-        try:  # which the one line below says
+        # Its reader also logs the error that it raises, a second line beside the UsageError's one.
+        datasets.logging.set_verbosity(datasets.logging.CRITICAL)
+        try:
             ds = datasets.load_dataset(kind, data_files=files, split="train")
         except Exception as e:  # not UTF-8, malformed JSON, ...: datasets wraps the reader's error in its own
             raise UsageError(f"cannot read {dataset} as {kind}: {cause(e)}")
