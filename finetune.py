@@ -295,17 +295,18 @@ def pad_batch(examples):
 
 
 def load_model(args, task, num_labels):
-    """(config, params, tokenizer)."""
+    """(config, params, tokenizer, the names of the parts drawn anew)."""
     head = "classification"
     if args.init == "scratch":
         tok = train.get_tokenizer(args.tokenizer)
         config = dataclasses.replace(bigs.PRESETS[args.model], vocab_size=tok.get_vocab_size(), num_labels=num_labels)
-        return config, bigs.init_params(config, jax.random.key(args.seed), head), tok
+        params = bigs.init_params(config, jax.random.key(args.seed), head)
+        return config, params, tok, list(params)
     path = args.model_name_or_path
     config, params, tok, fresh = train.from_checkpoint(path, args.tokenizer, head, jax.random.key(args.seed),
                                                        num_labels=num_labels)
     print(f"finetune.py: from {path}; newly initialised: {', '.join(fresh)}")
-    return config, params, tok
+    return config, params, tok, fresh
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -313,8 +314,10 @@ def load_model(args, task, num_labels):
 # official checkpoints); for the small models that train on a laptop, one measured on the topic tasks (README:
 # "Finetuning on GLUE").
 
-RECIPES = {"paper": {"lr": 2e-5, "epochs": 3, "batch_size": 16, "warmup_ratio": 0.1, "embedding_rms": 0},
-           "small": {"lr": 1e-3, "epochs": 10, "batch_size": 16, "warmup_ratio": 0.1, "embedding_rms": 0.02}}
+RECIPES = {"paper": {"lr": 2e-5, "epochs": 3, "batch_size": 16, "warmup_ratio": 0.1, "embedding_rms": 0,
+                     "fit_pooler": False},
+           "small": {"lr": 1e-3, "epochs": 10, "batch_size": 16, "warmup_ratio": 0.1, "embedding_rms": 0.02,
+                     "fit_pooler": True}}
 
 
 def rescale_embeddings(params, rms):
@@ -328,6 +331,30 @@ def rescale_embeddings(params, rms):
     factor = rms / float(np.sqrt(np.mean(np.square(e["word"], dtype=np.float64))))  # on the host, as loaded
     scaled = {k: np.asarray(e[k]) * factor for k in ("word", "position", "token_type")}
     return dict(params, embeddings=dict(e, **scaled))
+
+
+def fit_pooler(params, config, examples, batch_size=256):
+    """params with a new pooler fitted to the training examples: each of its units' weights and bias rescaled
+    and shifted so that its input to the tanh has mean 0 and variance 1 over the examples (a data-dependent
+    init, as in Kraehenbuehl et al. 2016). A pooler drawn at std 0.02 gives inputs far smaller than 1 over a
+    fresh encoder (the tanh is then almost linear, its gradients small) and, over a pretrained one whose hidden
+    states have grown, inputs that share one large offset (every unit saturated the same way for every text).
+    The encoder runs on the reference forms (Config(fast=False)), which run anywhere, on the host's params."""
+    config = dataclasses.replace(config, fast=False)
+
+    @jax.jit
+    def mean_state(params, ids, mask, types):  # the pooler's input, (batch, H): as bigs.pool averages
+        h = bigs.encode(params, config, ids, mask, types)
+        m = mask.T[..., None].astype(h.dtype)
+        return (h * m).sum(axis=0) / m.sum(axis=0)
+
+    means = np.concatenate([np.asarray(mean_state(params, *pad_batch(examples[i:i + batch_size])))
+                            for i in range(0, len(examples), batch_size)])
+    p = {k: np.asarray(v, np.float64) for k, v in params["pooler"].items()}
+    z = means @ p["kernel"] + p["bias"]  # (examples, H): the tanh's inputs
+    mu, sd = z.mean(axis=0), np.maximum(z.std(axis=0), 1e-6)
+    pooler = {"kernel": (p["kernel"] / sd).astype(np.float32), "bias": ((p["bias"] - mu) / sd).astype(np.float32)}
+    return dict(params, pooler=pooler)
 
 
 def recipe(config):
@@ -418,6 +445,9 @@ def parse_args(argv):
     p.add_argument("--embedding_rms", type=float, default=None,
                    help="scale the pretrained embedding tables together to this rms (the word table's) before "
                         "training, which leaves the model's outputs unchanged; 0: as pretrained; " + from_recipe)
+    p.add_argument("--fit_pooler", action=argparse.BooleanOptionalAction, default=None,
+                   help="fit a newly initialised pooler to the training data before training (finetune.fit_pooler); "
+                        + from_recipe)
     p.add_argument("--weight_decay", type=float, default=0.01)
     p.add_argument("--beta1", type=float, default=0.9)
     p.add_argument("--beta2", type=float, default=0.999)
@@ -482,14 +512,15 @@ def run(args):
     task, out = TASKS[args.task], args.out
     regression = task.labels is None
     mesh = train.make_mesh(args.mesh)
-    config, params, tok = load_model(args, task, 1 if regression else len(task.labels))  # the recipe needs config
+    config, params, tok, fresh = load_model(args, task, 1 if regression else len(task.labels))  # the recipe needs config
     name, values = recipe(config)
     given = {k: getattr(args, k) for k in values if getattr(args, k) is not None}
     vars(args).update(dict(values, **given))  # a flag always wins
     rescale = args.init == "pretrained" and args.embedding_rms > 0
+    fit = args.fit_pooler and "pooler" in fresh  # a pooler that the checkpoint brings is kept as it is
     print(f"finetune.py: lr {args.lr}, {args.epochs:g} epochs, batch {args.batch_size}, warmup {args.warmup_ratio}"
-          f"{f', embeddings scaled to rms {args.embedding_rms:g}' if rescale else ''} "
-          f"({name} recipe{', with the flags given' if given else ''})")
+          f"{f', embeddings scaled to rms {args.embedding_rms:g}' if rescale else ''}"
+          f"{', the new pooler fitted to the data' if fit else ''} ({name} recipe{', with the flags given' if given else ''})")
     if rescale:
         params = rescale_embeddings(params, args.embedding_rms)
     if args.batch_size % mesh.shape["data"]:
@@ -504,6 +535,8 @@ def run(args):
     config = dataclasses.replace(config, dtype="bfloat16" if args.bf16 else "float32", remat=args.remat)
     data = load_task_data(args, task)
     examples = {split: tokenize(tok, d, args.max_seq_length) for split, d in data.items()}
+    if fit:
+        params = fit_pooler(params, config, examples["train"])
 
     total = max(1, round(args.epochs * -(-len(examples["train"]) // args.batch_size)))
     state, shardings = train.train_state(params, args.seed + 1, mesh)

@@ -1121,7 +1121,7 @@ def test_finetunes_end_to_end(task, tmp_path, tiny_vocab, capsys):
     keys = {f"{split}_{m}" for split in t.eval_splits for m in t.metrics}
     assert keys <= set(result["final"]) and keys <= set(result["best"]) and result["final"]["step"] == 2
     printed = capsys.readouterr().out
-    assert "final (step 2)" in printed and "embeddings scaled to rms 0.02 (small recipe" in printed
+    assert "final (step 2)" in printed and "rms 0.02, the new pooler fitted to the data (small recipe" in printed
     lines = (tmp_path / "out" / f"predictions_{t.eval_splits[0]}.tsv").read_text().splitlines()
     assert len(lines) == 1 + len(GLUE_FILES[task]["dev_matched.tsv" if task == "mnli" else "dev.tsv"].splitlines()) - 1
     config, params = bigs.from_pretrained(str(tmp_path / "out" / "checkpoint"))
@@ -1250,9 +1250,40 @@ def test_rescaled_embeddings_leave_the_outputs_unchanged():
     assert not np.allclose(logits(word_only), logits(params), rtol=1e-3, atol=1e-4)  # one factor for all three
 
 
+def test_fitted_pooler_gives_each_unit_mean_0_and_variance_1(tmp_path, tiny_vocab, capsys):
+    config = dataclasses.replace(bigs.PRESETS["tiny"], num_labels=3)
+    params = bigs.init_params(config, jax.random.key(0), "classification")
+    rng = np.random.default_rng(0)
+    examples = [(rng.integers(5, config.vocab_size, n).astype(np.int32), np.zeros(n, np.int32))
+                for n in rng.integers(3, 40, 50)]
+    fitted = finetune.fit_pooler(params, config, examples, batch_size=16)
+
+    def tanh_inputs(p):  # the pooler's inputs to the tanh, one example at a time, through bigs.forward's encoder
+        z = []
+        for ids, types in examples:
+            h = bigs.encode(p, config, ids[None], jnp.ones_like(ids)[None], types[None])
+            z.append(bigs.dense(p["pooler"], h.mean(axis=0), jnp.float32)[0])
+        return np.array(z)
+
+    before, after = tanh_inputs(params), tanh_inputs(fitted)
+    assert before.std(axis=0).max() < 0.3  # the tanh almost linear at std 0.02
+    np.testing.assert_allclose(after.mean(axis=0), 0, atol=1e-4)
+    np.testing.assert_allclose(after.std(axis=0), 1, rtol=1e-3)
+    assert all(np.array_equal(fitted[k]["kernel"], params[k]["kernel"]) for k in ("classifier",))
+    # From the command line: a checkpoint's own pooler is kept; a new one is fitted unless --no-fit_pooler.
+    sst = write_files(tmp_path / "sst", GLUE_FILES["sst2"])
+    common = ["--task", "sst2", "--data_dir", sst, "--tokenizer", tiny_vocab, "--batch_size", "2", "--epochs", "1"]
+    for i, (ckpt, flags, fits) in enumerate((("cls", [], False), ("mlm", [], True), ("mlm", ["--no-fit_pooler"], False))):
+        capsys.readouterr()
+        assert finetune.main(common + flags + ["--model_name_or_path", os.path.join(OFFICIAL, ckpt),
+                                               "--out", str(tmp_path / f"out{i}")]) == 0
+        assert ("the new pooler fitted to the data" in capsys.readouterr().out) == fits
+
+
 def test_finetune_recipe_fits_the_model_and_a_flag_wins(tmp_path, tiny_vocab, capsys):
     assert finetune.recipe(bigs.PRESETS["large"]) == ("paper", {"lr": 2e-5, "epochs": 3, "batch_size": 16,
-                                                                "warmup_ratio": 0.1, "embedding_rms": 0})
+                                                                "warmup_ratio": 0.1, "embedding_rms": 0,
+                                                                "fit_pooler": False})
     assert finetune.recipe(bigs.PRESETS["base"])[0] == "paper" and finetune.recipe(bigs.PRESETS["small"])[0] == "small"
     argv = ["--task", "reuters8", "--data_dir", write_files(tmp_path / "data", REUTERS), "--init", "scratch",
             "--model", "tiny", "--tokenizer", tiny_vocab]
