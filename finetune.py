@@ -324,7 +324,7 @@ def rescale_embeddings(params, rms):
     """params with the word, position and token-type tables scaled by one factor that gives the word table
     this rms. The LayerNorm over their sum divides a common factor out, so the model's outputs do not change;
     what changes is how fast finetuning moves the tables. AdamW's steps have a fixed size, so a table that
-    pretraining grew (the default run's word table ends near rms 0.056; it starts at 0.02) moves relatively
+    pretraining grew (the default run's word table ends near rms 0.07; it starts at 0.02) moves relatively
     slower than a fresh one, and a small model finetuned from it can stay at chance (README: "Finetuning on
     GLUE")."""
     e = params["embeddings"]

@@ -525,6 +525,11 @@ def test_masking_statistics():
     # 80% [MASK], 10% random (of which 1/V happen to be the same token), 10% unchanged; 4 sigma bounds
     assert abs(is_mask - 0.8) < 4 * np.sqrt(0.16 / n) and abs(same - 0.1) < 4 * np.sqrt(0.09 / n) + 1e-3
     assert abs(1 - is_mask - same - 0.1) < 4 * np.sqrt(0.09 / n) + 1e-3
+    # the small models' default: 70% of the selected tokens unchanged, 10% random, 20% [MASK]
+    new7 = np.asarray(jnp.take_along_axis(train.mask_tokens(jax.random.key(1), tokens, specials, mask_id, V, 0.7)[0],
+                                          positions, 1))
+    is_mask, same = (new7 == mask_id).mean(), (new7 == np.asarray(targets)).mean()
+    assert abs(is_mask - 0.2) < 4 * np.sqrt(0.16 / n) and abs(same - 0.7) < 4 * np.sqrt(0.21 / n) + 1e-3
     # a sequence with fewer ordinary tokens than M: the extra predictions get weight 0
     short = jnp.full((1, L), 3).at[0, :10].set(jnp.arange(10, 20))
     _, _, t, w = train.mask_tokens(jax.random.key(2), short, specials, mask_id, V)
@@ -738,6 +743,7 @@ def test_bad_input_gets_a_one_line_error_before_any_work(tmp_path, corpus, capsy
         (["--seq_len", "2"], "--seq_len 2 must be in 3..64"),
         (["--lr", "-1"], "--lr must be positive"),
         (["--steps", "0"], "--steps must be positive"),
+        (["--unchanged", "0.95"], "--unchanged 0.95 must be in [0, 0.9]"),
         (["--dataset", str(tmp_path / "missing.txt")], "data file not found"),
         (["--dataset", str(tmp_path / "blank.txt")], "non-empty documents"),
         (["--dataset", str(tmp_path / "empty.txt")], "empty.txt is empty"),

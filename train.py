@@ -282,9 +282,10 @@ def num_predictions(seq_len):
     return max(1, round(0.15 * seq_len))
 
 
-def mask_tokens(key, tokens, specials, mask_id, vocab_size):
+def mask_tokens(key, tokens, specials, mask_id, vocab_size, unchanged=0.1):
     """tokens (B, L) -> inputs (B, L), positions (B, M), targets (B, M), weights (B, M) (0 where a short
-    sequence had fewer than M ordinary tokens)."""
+    sequence had fewer than M ordinary tokens). Of the M selected tokens, 10% become a random token, the
+    share `unchanged` stays as it is and the rest become [MASK]: BERT's 80/10/10 at unchanged=0.1."""
     k_pos, k_kind, k_rand = jax.random.split(key, 3)
     special = jnp.isin(tokens, specials)
     scores = jnp.where(special, -1.0, jax.random.uniform(k_pos, tokens.shape))
@@ -294,7 +295,7 @@ def mask_tokens(key, tokens, specials, mask_id, vocab_size):
     kind = jax.random.uniform(k_kind, targets.shape)
     random_tokens = jax.random.randint(k_rand, targets.shape, 0, vocab_size)
     random_tokens = jnp.where(jnp.isin(random_tokens, specials), targets, random_tokens)
-    new = jnp.where(kind < 0.8, mask_id, jnp.where(kind < 0.9, random_tokens, targets))
+    new = jnp.where(kind < 0.9 - unchanged, mask_id, jnp.where(kind < 1 - unchanged, random_tokens, targets))
     inputs = tokens.at[jnp.arange(tokens.shape[0])[:, None], positions].set(new)
     return inputs, positions, targets, weights
 
@@ -440,7 +441,7 @@ def make_train_step(config, args, specials, mask_id, params, shardings, mesh):
     def train_step(state, tokens):  # tokens: (grad_accum, micro_batch, L), split over 'data'
         step = state["step"] + 1
         key = jax.random.fold_in(state["key"], step)
-        masked = jax.vmap(lambda k, t: mask_tokens(k, t, specials, mask_id, config.vocab_size))(
+        masked = jax.vmap(lambda k, t: mask_tokens(k, t, specials, mask_id, config.vocab_size, args.unchanged))(
             jax.random.split(jax.random.fold_in(key, 0), tokens.shape[0]), tokens)
         count = jnp.maximum(jnp.sum(masked[3]), 1.0)  # predictions in the whole batch
 
@@ -464,7 +465,8 @@ def make_train_step(config, args, specials, mask_id, params, shardings, mesh):
 
 
 def make_eval_step(config, specials, mask_id):
-    def eval_step(params, tokens, key):  # fixed masks (key), no dropout: comparable across steps
+    def eval_step(params, tokens, key):  # fixed masks (key), no dropout: comparable across steps, and BERT's
+        # 80/10/10 whatever --unchanged is, so that runs compare (a visible target is easy to predict)
         inputs, positions, targets, weights = mask_tokens(key, tokens, specials, mask_id, config.vocab_size)
         ce, correct = mlm_loss(params, config, inputs, positions, targets, weights)
         return ce, correct, jnp.sum(weights)
@@ -689,6 +691,10 @@ def parse_args(argv):
     p.add_argument("--steps", type=int, default=800)
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (the paper's large model: 6e-4)")
     p.add_argument("--warmup", type=int, default=30, help="warmup steps (the paper: 2000)")
+    p.add_argument("--unchanged", type=float, default=None,
+                   help="the share of the 15%% selected tokens left as they are (10%% become random tokens, the rest "
+                        "[MASK]); default: 0.7 for models narrower than 768, which transfer better so (README), else "
+                        "BERT's 0.1")
     p.add_argument("--weight_decay", type=float, default=0.05)
     p.add_argument("--beta1", type=float, default=0.9)
     p.add_argument("--beta2", type=float, default=0.98)
@@ -862,6 +868,8 @@ def check_args(args, config, mesh):
         raise UsageError("--warmup and --weight_decay must be at least 0, --beta1 and --beta2 in [0, 1)")
     if not 0 < args.eval_fraction < 1:
         raise UsageError("--eval_fraction must be between 0 and 1")
+    if not 0 <= args.unchanged <= 0.9:
+        raise UsageError(f"--unchanged {args.unchanged} must be in [0, 0.9] (10% of the selected tokens become random ones)")
     data = mesh.shape["data"]
     if args.batch_size % (args.grad_accum * data):
         raise UsageError(f"--batch_size {args.batch_size} must divide into --grad_accum {args.grad_accum} "
@@ -929,7 +937,7 @@ LAUNCH = ("out", "resume", "plot", "benchmark", "multihost", "coordinator_addres
 # ...and, given on the command line, a flag replaces the saved value, except these, which define the model
 # and the data stream (a different value is an error: it would be another run).
 FIXED_ON_RESUME = ("model", "init", "dataset", "dataset_config", "text_column", "tokenizer", "eval_fraction",
-                   "seq_len", "batch_size", "seed")
+                   "seq_len", "batch_size", "seed", "unchanged")
 
 
 def resumed_args(args, saved):
@@ -967,6 +975,8 @@ def run(args):
     else:
         config, tok = bigs.PRESETS[args.model], None
     config = dataclasses.replace(config, dtype="bfloat16" if args.bf16 else "float32", remat=args.remat)
+    if args.unchanged is None:  # by the model's width; a run saved before the flag existed used BERT's 0.1
+        args.unchanged = 0.1 if args.resume or config.hidden_size >= 768 else 0.7
     mesh = make_mesh(args.mesh)
     with jax.set_mesh(mesh):  # the kernels run on every device of it (bigs.per_device)
         check_args(args, config, mesh)
