@@ -238,14 +238,18 @@ def unstack(tree, n):
     return [jax.tree.map(lambda piece: piece[i], parts, is_leaf=lambda x: isinstance(x, list)) for i in range(n)]
 
 
-def pool(p, config, h, attention_mask):
-    """tanh(dense(mean of the hidden states h (L, batch, H))), over the real tokens ('non_padding_mean') or all ('mean')."""
+def pool_mean(config, h, attention_mask):
+    """The mean of the hidden states h (L, batch, H) over the real tokens ('non_padding_mean') or all ('mean'):
+    (batch, H), the pooler's input."""
     if config.pooler_type == "mean" or attention_mask is None:
-        mean = h.mean(axis=0)
-    else:
-        m = attention_mask.T[..., None].astype(h.dtype)
-        mean = (h * m).sum(axis=0) / m.sum(axis=0)
-    return jnp.tanh(dense(p, mean, jnp.float32))
+        return h.mean(axis=0)
+    m = attention_mask.T[..., None].astype(h.dtype)
+    return (h * m).sum(axis=0) / m.sum(axis=0)
+
+
+def pool(p, config, h, attention_mask):
+    """tanh(dense(pool_mean(h))): (batch, H)."""
+    return jnp.tanh(dense(p, pool_mean(config, h, attention_mask), jnp.float32))
 
 
 def mlm_head(params, config, h, masked_positions=None):

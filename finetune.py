@@ -343,10 +343,8 @@ def fit_pooler(params, config, examples, batch_size=256):
     config = dataclasses.replace(config, fast=False)
 
     @jax.jit
-    def mean_state(params, ids, mask, types):  # the pooler's input, (batch, H): as bigs.pool averages
-        h = bigs.encode(params, config, ids, mask, types)
-        m = mask.T[..., None].astype(h.dtype)
-        return (h * m).sum(axis=0) / m.sum(axis=0)
+    def mean_state(params, ids, mask, types):  # the pooler's input, (batch, H)
+        return bigs.pool_mean(config, bigs.encode(params, config, ids, mask, types), mask)
 
     means = np.concatenate([np.asarray(mean_state(params, *pad_batch(examples[i:i + batch_size])))
                             for i in range(0, len(examples), batch_size)])
