@@ -125,21 +125,16 @@ def ssm_recurrent(p, u):
 
 # ----------------------------------------------------------------------------------------------------
 # 2. The gated bidirectional block. Every dense layer has a bias; the layers use the tanh GELU.
-#    The block calls four operations through the dispatch points below (`layer_norm_residual`,
-#    `gelu_tanh`, `gelu_gate`, `ssm_conv`): the reference forms written here, or their fast forms of section 5.
-
-
-def linear(kernel, x, dtype):
-    """x (..., n) @ kernel (n, m), as one matmul of (tokens, n): with the leading axes kept, the kernel's
-    gradient contracts two axes at once, which XLA's CPU backend does at about half the rate of a matmul
-    (README, Benchmarks); on GPUs the two forms run at the same speed."""
-    x = x.astype(dtype)
-    return jnp.dot(x.reshape(-1, x.shape[-1]), kernel.astype(dtype)).reshape(x.shape[:-1] + (-1,))
+#    The block calls three operations through the dispatch points below (`layer_norm_residual`,
+#    `gelu_tanh`, `ssm_conv`): the reference forms written here, or their fast forms of section 5.
 
 
 def dense(p, x, dtype):
-    """x W + b."""
-    return linear(p["kernel"], x, dtype) + p["bias"].astype(dtype)
+    """x (..., n) @ kernel (n, m) + bias, as one matmul of (tokens, n): with the leading axes kept, the kernel's
+    gradient contracts two axes at once, which XLA's CPU backend does at about half the rate of a matmul
+    (README, Benchmarks); on GPUs the two forms run at the same speed."""
+    x, kernel = x.astype(dtype), p["kernel"].astype(dtype)
+    return (jnp.dot(x.reshape(-1, x.shape[-1]), kernel) + p["bias"].astype(dtype)).reshape(x.shape[:-1] + (-1,))
 
 
 def moments(x, eps):
@@ -161,15 +156,9 @@ def layer_norm_residual(p, x, config):
     return x, layer_norm(p, x, config.layer_norm_eps).astype(config.dtype)
 
 
-def gelu_tanh(z, b, config):
-    """GELU(z + b) in its tanh form, 0.5 x (1 + tanh(c (x + a x^3))), x = z + b, c = sqrt(2/pi), a = 0.044715:
-    the bias of the dense layer before it, z its matmul."""
-    return gelu_fast(z, b) if config.fast else jax.nn.gelu(z + b, approximate=True)
-
-
-def gelu_gate(z, b, V, config):
-    """GELU(z + b) * V, the gating product U * V with U = GELU(z + b)."""
-    return gated_fast(z, b, V) if config.fast else jax.nn.gelu(z + b, approximate=True) * V
+def gelu_tanh(x, config):
+    """GELU in its tanh form, 0.5 x (1 + tanh(c (x + a x^3))), c = sqrt(2/pi), a = 0.044715."""
+    return gelu_fast(x) if config.fast else jax.nn.gelu(x, approximate=True)
 
 
 def ssm_conv(p, u, config, reverse=False):
@@ -190,15 +179,13 @@ def bigs_layer(p, x, mask, config):
     I, H = config.intermediate_size, config.hidden_size
     x, X = layer_norm_residual(p["norm"], x, config)  # X = LayerNorm(x), x unchanged
     W = {k: jnp.concatenate([p[w][k] for w in ("W_v", "W_f", "W_b")], -1) for k in ("kernel", "bias")}
-    VFB = gelu_tanh(linear(W["kernel"], X, cdt), W["bias"].astype(cdt), config)
-    V, F, B = jnp.split(VFB, [I, I + H], axis=-1)  # V (L, batch, I); F, B (L, batch, H)
+    V, F, B = jnp.split(gelu_tanh(dense(W, X, cdt), config), [I, I + H], axis=-1)  # V (L, batch, I); F, B (L, batch, H)
     if mask is not None:  # pads feed nothing into either SSM
         F, B = F * mask.astype(cdt), B * mask.astype(cdt)
     U_F = dense(p["W_uf"], ssm_conv(p["ssm_f"], F, config), cdt)  # (L, batch, H)  the forward SSM
     U_B = dense(p["W_ub"], ssm_conv(p["ssm_b"], B, config, reverse=True), cdt)  # (L, batch, H)  the backward SSM
-    # U = gelu(W_l (U_F * U_B)) (L, batch, I), multiplicative gating, and U * V in one step
-    UV = gelu_gate(linear(p["W_l"]["kernel"], U_F * U_B, cdt), p["W_l"]["bias"].astype(cdt), V, config)
-    O = dense(p["W_o"], UV, cdt)  # (L, batch, H)
+    U = gelu_tanh(dense(p["W_l"], U_F * U_B, cdt), config)  # (L, batch, I)  multiplicative gating
+    O = dense(p["W_o"], U * V, cdt)  # (L, batch, H)
     return x + O.astype(jnp.float32)
 
 
@@ -599,8 +586,7 @@ def fill_mask(params, config, tokenizer, text, top_k=5):
 #    5a. ssm_chunked: the SSM convolution as matmuls (reference: ssm, the FFT form);
 #    5b. ssm_scan: the chunked form as one GPU kernel, and its backward pass (reference: ssm);
 #    5c. pre_norm: LayerNorm with a hand-written backward pass, a GPU kernel (reference: layer_norm, autodiff);
-#    5d. gelu_fast, gated_fast: the tanh GELU and the gating product with hand-written backward passes
-#        (reference: jax.nn.gelu, autodiff).
+#    5d. gelu_fast: the tanh GELU with a hand-written backward pass (reference: jax.nn.gelu, autodiff).
 #    The kernels are written in Pallas and compiled by Triton on a GPU; on a CPU the tests interpret them.
 #    On a mesh each device runs them on its own sequences (per_device, in 5b).
 
@@ -896,58 +882,25 @@ pre_norm.defvjp(pre_norm_forward, pre_norm_backward)
 
 
 # 5d. ---------------------------------------------------------------------------------------------------
-# The tanh GELU of a dense layer, GELU(z + b), and the gating product GELU(z + b) * V, with backward passes
-# that keep only their inputs: autodiff keeps z + b, and for the product GELU(z + b) as well, each an array
-# written in the forward pass and read back in the backward one. The bias is added where it is used.
-
-
-def gelu_and_slope(x):  # gelu(x) and d/dx gelu = 0.5 (1 + t) + 0.5 x (1 - t^2) c (1 + 3 a x^2),  t = tanh(c (x + a x^3))
-    c, a = np.sqrt(2 / np.pi), 0.044715
-    t = jnp.tanh(c * (x + a * x**3))
-    return 0.5 * x * (1 + t), 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * c * (1 + 3 * a * x * x)
-
-
-def bias_sum(dz, b):  # the bias's gradient: dz summed over every axis but the last
-    return dz.astype(jnp.float32).sum(tuple(range(dz.ndim - 1))).astype(b.dtype)
+# The tanh GELU with a backward pass that keeps only its input: autodiff would keep the tanh and the
+# product before it, two arrays to read back instead of one.
 
 
 @jax.custom_vjp
-def gelu_fast(z, b):
-    """jax.nn.gelu(z + b, approximate=True), whose autodiff gradients these equal (test:
+def gelu_fast(x):
+    """jax.nn.gelu(x, approximate=True), whose autodiff gradient this one's equals (test:
     test_gelu_backward_is_the_derivative_of_gelu)."""
-    return jax.nn.gelu(z + b, approximate=True)
+    return jax.nn.gelu(x, approximate=True)
 
 
-def gelu_forward(z, b):
-    return gelu_fast(z, b), (z, b)
+def gelu_forward(x):
+    return gelu_fast(x), x
 
 
-def gelu_backward(saved, g):
-    z, b = saved
-    dz = (g * gelu_and_slope(z.astype(jnp.float32) + b)[1]).astype(z.dtype)
-    return dz, bias_sum(dz, b)
+def gelu_backward(x, g):  # d/dx gelu = 0.5 (1 + t) + 0.5 x (1 - t^2) c (1 + 3 a x^2),  t = tanh(c (x + a x^3))
+    x, c, a = x.astype(jnp.float32), np.sqrt(2 / np.pi), 0.044715
+    t = jnp.tanh(c * (x + a * x**3))
+    return ((g * (0.5 * (1 + t) + 0.5 * x * (1 - t * t) * c * (1 + 3 * a * x * x))).astype(g.dtype),)
 
 
 gelu_fast.defvjp(gelu_forward, gelu_backward)
-
-
-@jax.custom_vjp
-def gated_fast(z, b, V):
-    """jax.nn.gelu(z + b, approximate=True) * V, whose autodiff gradients these equal (test:
-    test_gated_backward_is_the_derivative_of_the_product)."""
-    return jax.nn.gelu(z + b, approximate=True) * V
-
-
-def gated_forward(z, b, V):
-    return gated_fast(z, b, V), (z, b, V)
-
-
-def gated_backward(saved, g):
-    z, b, V = saved
-    U, slope = gelu_and_slope(z.astype(jnp.float32) + b)
-    g = g.astype(jnp.float32)
-    dz = (g * V * slope).astype(z.dtype)
-    return dz, bias_sum(dz, b), (g * U).astype(V.dtype)
-
-
-gated_fast.defvjp(gated_forward, gated_backward)

@@ -191,41 +191,17 @@ def test_scan_kernel_interpreted_equals_fft_form(L, Q):
 
 
 def test_gelu_backward_is_the_derivative_of_gelu():
-    """bigs.gelu_fast(z, b) = GELU(z + b) has a hand-written backward pass (it keeps only its inputs): it equals
-    autodiff of the tanh GELU and a float64 central difference, and in bfloat16 it stays bfloat16 and close."""
-    z = 3 * jax.random.normal(jax.random.key(0), (50, 20))
-    b = jax.random.normal(jax.random.key(2), (20,))
-    g = jax.random.normal(jax.random.key(1), (50, 20))
-    dz, db = jax.vjp(bigs.gelu_fast, z, b)[1](g)
-    want = jax.vjp(lambda z, b: jax.nn.gelu(z + b, approximate=True), z, b)[1](g)
-    assert max_rel(dz, want[0]) < 1e-6 and max_rel(db, want[1]) < 1e-6
+    """bigs.gelu_fast has a hand-written backward pass (it keeps only its input): it equals autodiff of the
+    tanh GELU and a float64 central difference, and in bfloat16 it stays bfloat16 and close."""
+    x = 3 * jax.random.normal(jax.random.key(0), (1000,))
+    g = jax.random.normal(jax.random.key(1), (1000,))
+    mine = jax.vjp(bigs.gelu_fast, x)[1](g)[0]
+    assert max_rel(mine, jax.vjp(lambda x: jax.nn.gelu(x, approximate=True), x)[1](g)[0]) < 1e-6
     f = lambda x: 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
-    x64, h = np.float64(z) + np.float64(b), 1e-6
-    exact = (f(x64 + h) - f(x64 - h)) / (2 * h) * np.float64(g)
-    assert max_rel(dz, exact) < 1e-6 and max_rel(db, exact.sum(0)) < 1e-6
-    half = jax.vjp(bigs.gelu_fast, z.astype(jnp.bfloat16), b.astype(jnp.bfloat16))[1](g.astype(jnp.bfloat16))
-    assert [a.dtype for a in half] == [jnp.bfloat16] * 2 and 1e-5 < max_rel(half[0], dz) < 1e-2
-
-
-def test_gated_backward_is_the_derivative_of_the_product():
-    """bigs.gated_fast(z, b, V) = GELU(z + b) * V, the gating product, keeps only its inputs for its
-    hand-written backward pass, which equals autodiff of the product in float64 (values and all three
-    gradients), and in bfloat16 stays bfloat16 and close."""
-    key = lambda i: jax.random.key(i)
-    z, V, g = (3 * jax.random.normal(key(i), (50, 20)) for i in (0, 1, 2))
-    b = jax.random.normal(key(3), (20,))
-    ref = lambda z, b, V: jax.nn.gelu(z + b, approximate=True) * V
-    out, vjp = jax.vjp(bigs.gated_fast, z, b, V)
-    with jax.enable_x64(True):
-        f64 = lambda a: jnp.asarray(np.float64(a))
-        want, vjp64 = jax.vjp(ref, f64(z), f64(b), f64(V))
-        want, exact = np.asarray(want), [np.asarray(a) for a in vjp64(f64(g))]
-    assert max_rel(out, want) < 1e-6
-    for mine, right in zip(vjp(g), exact):
-        assert max_rel(mine, right) < 1e-5
-    half = jax.vjp(bigs.gated_fast, *(a.astype(jnp.bfloat16) for a in (z, b, V)))[1](g.astype(jnp.bfloat16))
-    assert all(a.dtype == jnp.bfloat16 for a in half)
-    assert all(1e-5 < max_rel(a, c) < 2e-2 for a, c in zip(half, exact))
+    x64, h = np.float64(x), 1e-6
+    assert max_rel(mine, (f(x64 + h) - f(x64 - h)) / (2 * h) * np.float64(g)) < 1e-6
+    half = jax.vjp(bigs.gelu_fast, x.astype(jnp.bfloat16))[1](g.astype(jnp.bfloat16))[0]
+    assert half.dtype == jnp.bfloat16 and 1e-5 < max_rel(half, mine) < 1e-2
 
 
 @pytest.mark.parametrize("H", [128, 96])
