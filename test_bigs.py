@@ -4,6 +4,7 @@ outputs, a float64 formula, a recurrence, or a second computation of the same th
 Run: python -m pytest -q test_bigs.py
 """
 
+import atexit
 import dataclasses
 import fcntl
 import glob
@@ -14,11 +15,19 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 # The tolerances here are float32-on-a-CPU ones: on a GPU float32 matmuls run in TF32 (the scan kernel's
 # outputs are then 3.5e-4 off float64 at L=1 on an H100), so the tests run on the CPU unless told otherwise.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Many tests build the same small programs again (each train.main and finetune.main jits its own step, and
+# the subprocesses start from nothing): one persistent compilation cache for this test session, which the
+# subprocesses inherit, compiles each program once. Removed at the end.
+COMPILATION_CACHE = tempfile.mkdtemp(prefix="bigs-test-jax-cache-")
+atexit.register(shutil.rmtree, COMPILATION_CACHE, ignore_errors=True)
+os.environ.update(JAX_COMPILATION_CACHE_DIR=COMPILATION_CACHE, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                  JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
 
 import jax
 import jax.numpy as jnp
