@@ -574,7 +574,9 @@ def fill_mask(params, config, tokenizer, text, top_k=5):
     positions = [i for i, t in enumerate(ids) if t == mask_id]
     if not positions:
         raise ValueError(f"no [MASK] in {text!r}")
-    logits = forward(params, config, jnp.asarray([ids]), head="mlm", masked_positions=jnp.asarray([positions]))
+    # one compiled program: run op by op, the model would take many times longer on a CPU
+    logits = jax.jit(forward, static_argnames=("config", "head"))(params, config, jnp.asarray([ids]), head="mlm",
+                                                                  masked_positions=jnp.asarray([positions]))
     probs = jax.nn.softmax(logits[0], axis=-1)  # (M, V)
     top = jnp.argsort(-probs, axis=-1)[:, :top_k]
     return [[(tokenizer.id_to_token(int(t)), float(probs[m, t])) for t in top[m]] for m in range(len(positions))]

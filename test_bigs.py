@@ -41,6 +41,8 @@ import train
 HERE = os.path.dirname(os.path.abspath(__file__))
 OFFICIAL = os.path.join(HERE, "testdata", "official_tiny")
 IO = dict(np.load(os.path.join(OFFICIAL, "io.npz")))
+# bigs.forward compiled as one program: run op by op, its small CPU computations would take far longer
+FORWARD = jax.jit(bigs.forward, static_argnames=("config", "head", "train"))
 
 
 def max_rel(a, b):
@@ -67,7 +69,7 @@ def test_equals_official(case, head_dir, head, key):
     config, params = official(head_dir, mask_padding=False)
     ids, mask, types = (IO[k] for k in CASES[case])
     ref = IO[key if case == "full" else f"{case}_{key}"]
-    out = bigs.forward(params, config, ids, mask, types, head=head)
+    out = FORWARD(params, config, ids, mask, types, head=head)
     assert out.shape == ref.shape
     assert max_rel(out, ref) < 2e-5
 
@@ -91,14 +93,14 @@ def test_official_model_leaks_padding_and_mask_padding_stops_it():
     """Outputs at the 40 real positions must not depend on how many pads follow them."""
     config, params = official("mlm")  # mask_padding=True, the default
     ids, types = IO["unpadded_input_ids"], IO["unpadded_token_type_ids"]
-    ref = np.asarray(bigs.forward(params, config, ids, None, types, head="mlm"))  # (2, 40, V), no pads
+    ref = np.asarray(FORWARD(params, config, ids, None, types, head="mlm"))  # (2, 40, V), no pads
     for length in (41, 47, 64):
         pad = ((0, 0), (0, length - 40))
         p_ids, p_types = np.pad(ids, pad), np.pad(types, pad)
         p_mask = np.pad(np.ones_like(ids), pad)
-        out = bigs.forward(params, config, p_ids, p_mask, p_types, head="mlm")[:, :40]
+        out = FORWARD(params, config, p_ids, p_mask, p_types, head="mlm")[:, :40]
         assert max_rel(out, ref) < 1e-5, length
-        leaky = bigs.forward(params, dataclasses.replace(config, mask_padding=False), p_ids, p_mask, p_types,
+        leaky = FORWARD(params, dataclasses.replace(config, mask_padding=False), p_ids, p_mask, p_types,
                              head="mlm")[:, :40]
         assert max_rel(leaky, ref) > 1e-2, length  # the official behaviour: pads change real tokens
 
@@ -106,7 +108,7 @@ def test_official_model_leaks_padding_and_mask_padding_stops_it():
 def test_bfloat16_tracks_float32():
     for head_dir, head, key in (("mlm", "mlm", "mlm_logits"), ("cls", "classification", "cls_logits")):
         config, params = official(head_dir, dtype="bfloat16")
-        out = bigs.forward(params, config, IO["input_ids"], IO["attention_mask"], IO["token_type_ids"], head=head)
+        out = FORWARD(params, config, IO["input_ids"], IO["attention_mask"], IO["token_type_ids"], head=head)
         assert out.dtype == jnp.float32
         err = max_rel(out, IO[key])
         assert 1e-5 < err < 2e-2, err  # visibly bfloat16, and within 2% (measured: 1.1% mlm, 0.1% cls)
@@ -162,13 +164,14 @@ def test_chunked_matmul_form_equals_fft_form(L, Q):
     backward SSM is the forward one on the reversed sequence."""
     p = random_ssm(jax.random.key(L), N=16, log_step=-3.0)
     u = jax.random.normal(jax.random.key(7 + L), (L, 2, 8))
-    assert max_rel(bigs.ssm_chunked(p, u, Q=Q), bigs.ssm(p, u)) < 1e-5
+    chunked = jax.jit(lambda p, u, reverse=False: bigs.ssm_chunked(p, u, reverse, Q), static_argnums=2)
+    fft = jax.jit(bigs.ssm)
+    assert max_rel(chunked(p, u), fft(p, u)) < 1e-5
     flip = lambda a: jnp.flip(a, axis=0)
-    assert max_rel(bigs.ssm_chunked(p, u, reverse=True, Q=Q), flip(bigs.ssm(p, flip(u)))) < 1e-5
+    assert max_rel(chunked(p, u, True), flip(fft(p, flip(u)))) < 1e-5
     # and so are their gradients, with respect to the SSM's parameters and to u (training uses these)
     w = jax.random.normal(jax.random.key(8), u.shape)
-    fast, ref = (jax.grad(lambda p, u: jnp.sum(f(p, u) * w), argnums=(0, 1))(p, u)
-                 for f in (lambda p, u: bigs.ssm_chunked(p, u, Q=Q), bigs.ssm))
+    fast, ref = (jax.jit(jax.grad(lambda p, u: jnp.sum(f(p, u) * w), argnums=(0, 1)))(p, u) for f in (chunked, fft))
     for a, b in zip(jax.tree.leaves(fast), jax.tree.leaves(ref)):
         assert max_rel(a, b) < 1e-4
 
@@ -185,11 +188,11 @@ def test_scan_kernel_interpreted_equals_fft_form(L, Q):
     loss = lambda f: lambda p, u: jnp.sum(f(p, u) * w.astype(u.dtype))
     for reverse in (False, True):
         scan = lambda p, u: bigs.ssm_scan(p, u, reverse, Q)
-        got = (scan(p, u),) + jax.grad(loss(scan), argnums=(0, 1))(p, u)
+        got = jax.jit(lambda p, u: (scan(p, u),) + jax.grad(loss(scan), argnums=(0, 1))(p, u))(p, u)
         with jax.enable_x64(True):
             ref = (lambda p, u: flip(bigs.ssm(p, flip(u)))) if reverse else bigs.ssm
             p64, u64 = jax.tree.map(lambda a: jnp.asarray(np.float64(a)), (p, u))
-            want = (ref(p64, u64),) + jax.grad(loss(ref), argnums=(0, 1))(p64, u64)
+            want = jax.jit(lambda p, u: (ref(p, u),) + jax.grad(loss(ref), argnums=(0, 1))(p, u))(p64, u64)
             want = jax.tree.map(np.asarray, want)
         assert max_rel(got[0], want[0]) < 1e-5
         # log_step's gradient is one number summing L H terms that cancel: at L=300 (64 channels) the float32
@@ -299,8 +302,7 @@ def head_inputs(head, key):
 def test_every_head_jits_and_differentiates(head):
     params = bigs.init_params(TINY, jax.random.key(0), head)
     ids, mask = head_inputs(head, jax.random.key(1))
-    f = jax.jit(bigs.forward, static_argnames=("config", "head", "train"))
-    out = f(params, TINY, ids, mask, head=head)
+    out = FORWARD(params, TINY, ids, mask, head=head)
     expected = {"mlm": (2, 16, 1000), "classification": (2, 2), "token_classification": (2, 16, 2),
                 "question_answering": (2, 16), "multiple_choice": (2, 3)}[head]
     for o in out if head == "question_answering" else [out]:
@@ -345,7 +347,7 @@ def test_reference_forms_equal_fast_forms(head, kernels, monkeypatch):
     params = bigs.init_params(TINY, jax.random.key(0), head)
     ids, mask = head_inputs(head, jax.random.key(1))
     (fast, fast_grads), (ref, ref_grads) = (
-        (bigs.forward(params, config, ids, mask, head=head), jax.grad(head_loss(head, config, ids, mask))(
+        (FORWARD(params, config, ids, mask, head=head), jax.jit(jax.grad(head_loss(head, config, ids, mask)))(
             params, jax.random.key(2))) for config in (TINY, dataclasses.replace(TINY, fast=False)))
     for a, b in zip(jax.tree.leaves(fast), jax.tree.leaves(ref)):
         assert max_rel(a, b) < 1e-5
@@ -357,32 +359,32 @@ def test_multiple_choice_scores_each_choice_as_its_own_sequence():
     config = dataclasses.replace(TINY, num_labels=1)
     params = bigs.init_params(config, jax.random.key(0), "multiple_choice")
     ids, mask = head_inputs("multiple_choice", jax.random.key(1))
-    mc = bigs.forward(params, config, ids, mask, head="multiple_choice")
+    mc = FORWARD(params, config, ids, mask, head="multiple_choice")
     for c in range(3):
-        one = bigs.forward(params, config, ids[:, c], mask[:, c], head="classification")[:, 0]
+        one = FORWARD(params, config, ids[:, c], mask[:, c], head="classification")[:, 0]
         np.testing.assert_allclose(mc[:, c], one, atol=1e-6)
 
 
 def test_mlm_logits_at_masked_positions_equal_full_logits():
     config, params = official("mlm")
-    full = bigs.forward(params, config, IO["input_ids"], head="mlm")
+    full = FORWARD(params, config, IO["input_ids"], head="mlm")
     positions = jnp.array([[3, 0, 63], [5, 5, 17]])
-    some = bigs.forward(params, config, IO["input_ids"], head="mlm", masked_positions=positions)
+    some = FORWARD(params, config, IO["input_ids"], head="mlm", masked_positions=positions)
     np.testing.assert_allclose(some, jnp.take_along_axis(full, positions[..., None], axis=1), atol=1e-5)
 
 
 def test_dropout_only_in_training_and_driven_by_rng():
     config, params = official("cls")
     args = (params, config, IO["input_ids"], IO["attention_mask"], IO["token_type_ids"])
-    evaluation = bigs.forward(*args, head="classification")
-    a = bigs.forward(*args, head="classification", train=True, rng=jax.random.key(0))
-    b = bigs.forward(*args, head="classification", train=True, rng=jax.random.key(0))
-    c = bigs.forward(*args, head="classification", train=True, rng=jax.random.key(1))
+    evaluation = FORWARD(*args, head="classification")
+    a = FORWARD(*args, head="classification", train=True, rng=jax.random.key(0))
+    b = FORWARD(*args, head="classification", train=True, rng=jax.random.key(0))
+    c = FORWARD(*args, head="classification", train=True, rng=jax.random.key(1))
     np.testing.assert_array_equal(a, b)
     assert np.abs(a - c).max() > 1e-3 and np.abs(a - evaluation).max() > 1e-3
     no_dropout = dataclasses.replace(config, hidden_dropout_prob=0.0)
-    np.testing.assert_allclose(bigs.forward(params, no_dropout, *args[2:], head="classification", train=True,
-                                            rng=jax.random.key(0)), evaluation, atol=1e-6)
+    np.testing.assert_allclose(FORWARD(params, no_dropout, *args[2:], head="classification", train=True,
+                                       rng=jax.random.key(0)), evaluation, atol=1e-6)
     with pytest.raises(ValueError, match="rng"):
         bigs.forward(*args, head="classification", train=True)
 
@@ -505,7 +507,7 @@ def test_fill_mask():
     probs = [p for _, p in result[0]]
     assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1
     ids = tok.encode(text).ids
-    logits = bigs.forward(params, config, jnp.asarray([ids]), head="mlm")[0, ids.index(4)]
+    logits = FORWARD(params, config, jnp.asarray([ids]), head="mlm")[0, ids.index(4)]
     assert result[0][0][0] == tok.id_to_token(int(jnp.argmax(logits)))
     np.testing.assert_allclose(probs[0], float(jax.nn.softmax(logits).max()), rtol=1e-5)
 
@@ -1259,7 +1261,7 @@ def test_rescaled_embeddings_leave_the_outputs_unchanged():
     assert float(jnp.sqrt(jnp.mean(jnp.square(scaled["embeddings"]["word"])))) == pytest.approx(0.02, rel=1e-5)
     ids = jax.random.randint(jax.random.key(1), (2, 16), 0, config.vocab_size)
     types = jnp.zeros_like(ids).at[:, 8:].set(1)
-    logits = lambda p: bigs.forward(p, config, ids, token_type_ids=types, head="classification")
+    logits = lambda p: FORWARD(p, config, ids, token_type_ids=types, head="classification")
     np.testing.assert_allclose(logits(scaled), logits(params), rtol=1e-5, atol=1e-6)
     word_only = dict(params, embeddings=dict(params["embeddings"], word=scaled["embeddings"]["word"]))
     assert not np.allclose(logits(word_only), logits(params), rtol=1e-3, atol=1e-4)  # one factor for all three
