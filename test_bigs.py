@@ -101,7 +101,7 @@ def test_official_model_leaks_padding_and_mask_padding_stops_it():
         out = FORWARD(params, config, p_ids, p_mask, p_types, head="mlm")[:, :40]
         assert max_rel(out, ref) < 1e-5, length
         leaky = FORWARD(params, dataclasses.replace(config, mask_padding=False), p_ids, p_mask, p_types,
-                             head="mlm")[:, :40]
+                        head="mlm")[:, :40]
         assert max_rel(leaky, ref) > 1e-2, length  # the official behaviour: pads change real tokens
 
 
@@ -186,13 +186,13 @@ def test_scan_kernel_interpreted_equals_fft_form(L, Q):
     w = jax.random.normal(jax.random.key(8), u.shape)
     flip = lambda a: jnp.flip(a, axis=0)
     loss = lambda f: lambda p, u: jnp.sum(f(p, u) * w.astype(u.dtype))
+    outputs = lambda f: jax.jit(lambda p, u: (f(p, u),) + jax.grad(loss(f), argnums=(0, 1))(p, u))  # value, dp, du
     for reverse in (False, True):
-        scan = lambda p, u: bigs.ssm_scan(p, u, reverse, Q)
-        got = jax.jit(lambda p, u: (scan(p, u),) + jax.grad(loss(scan), argnums=(0, 1))(p, u))(p, u)
+        got = outputs(lambda p, u: bigs.ssm_scan(p, u, reverse, Q))(p, u)
         with jax.enable_x64(True):
             ref = (lambda p, u: flip(bigs.ssm(p, flip(u)))) if reverse else bigs.ssm
             p64, u64 = jax.tree.map(lambda a: jnp.asarray(np.float64(a)), (p, u))
-            want = jax.jit(lambda p, u: (ref(p, u),) + jax.grad(loss(ref), argnums=(0, 1))(p, u))(p64, u64)
+            want = outputs(ref)(p64, u64)
             want = jax.tree.map(np.asarray, want)
         assert max_rel(got[0], want[0]) < 1e-5
         # log_step's gradient is one number summing L H terms that cancel: at L=300 (64 channels) the float32
