@@ -23,11 +23,13 @@ import time
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Many tests build the same small programs again (each train.main and finetune.main jits its own step, and
 # the subprocesses start from nothing): one persistent compilation cache for this test session, which the
-# subprocesses inherit, compiles each program once. Removed at the end.
-COMPILATION_CACHE = tempfile.mkdtemp(prefix="bigs-test-jax-cache-")
-atexit.register(shutil.rmtree, COMPILATION_CACHE, ignore_errors=True)
-os.environ.update(JAX_COMPILATION_CACHE_DIR=COMPILATION_CACHE, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-                  JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+# subprocesses inherit, compiles each program once. Removed at the end by the process that made it (a
+# subprocess that imports this file keeps its parent's).
+if "bigs-test-jax-cache-" not in os.environ.get("JAX_COMPILATION_CACHE_DIR", ""):
+    cache = tempfile.mkdtemp(prefix="bigs-test-jax-cache-")
+    atexit.register(shutil.rmtree, cache, ignore_errors=True)
+    os.environ.update(JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
 
 import jax
 import jax.numpy as jnp
@@ -883,37 +885,37 @@ def test_run_draws_pictures_and_plot_draws_them_again(short_run, tmp_path):
     assert train.main(["--plot", str(tmp_path)]) == 2  # nothing to draw there
 
 
-DEVICES_SCRIPT = """
-import json, sys, bigs, train
-bigs.use_kernels = lambda: KERNELS
-rows, norm_call = set(), bigs.norm_call  # the rows that each call of the LayerNorm kernel takes
-bigs.norm_call = lambda x, *args: rows.add(x.shape[0]) or norm_call(x, *args)
-losses = {}
-for mesh in sys.argv[2:]:
-    out = sys.argv[1] + "/" + mesh.replace("=", "").replace(",", "_")
-    assert train.main(["--model", "tiny", "--seq_len", "64", "--batch_size", "8", "--steps", "3", "--warmup", "1",
-                       "--log_every", "1", "--dataset", CORPUS, "--cache_dir", sys.argv[1] + "/cache", "--out", out,
-                       "--mesh", mesh]) == 0
-    losses[mesh] = [json.loads(l)["loss"] for l in open(out + "/metrics.jsonl") if '"loss"' in l]
-    losses[mesh + " rows"] = sorted(rows)
-    rows.clear()
-print(json.dumps(losses))
-"""
+def mesh_losses(folder, corpus, kernels, meshes):
+    """{mesh: train losses} of a three-step run of train.py on each mesh, and {mesh + " rows": the rows that
+    each call of the LayerNorm kernel took} (none without the kernels). Called here and in a subprocess."""
+    use_kernels, norm_call, rows, out = bigs.use_kernels, bigs.norm_call, set(), {}
+    bigs.use_kernels = lambda: kernels
+    bigs.norm_call = lambda x, *args: rows.add(x.shape[0]) or norm_call(x, *args)
+    try:
+        for mesh in meshes:
+            run = os.path.join(folder, mesh.replace("=", "").replace(",", "_"))
+            assert train.main(["--model", "tiny", "--seq_len", "64", "--batch_size", "8", "--steps", "3",
+                               "--warmup", "1", "--log_every", "1", "--dataset", corpus, "--cache_dir",
+                               os.path.join(folder, "cache"), "--out", run, "--mesh", mesh]) == 0
+            out[mesh] = [json.loads(line)["loss"] for line in open(run + "/metrics.jsonl") if '"loss"' in line]
+            out[mesh + " rows"] = sorted(rows)
+            rows.clear()
+    finally:
+        bigs.use_kernels, bigs.norm_call = use_kernels, norm_call
+    return out
 
 
 @pytest.mark.parametrize("kernels", [False, True])
 def test_one_device_and_eight_devices_give_the_same_losses(tmp_path, corpus, kernels):
-    """train.py over a mesh of 8 CPU devices: the losses of one device, with the CPU's forms and with the GPU's
-    (its kernels interpreted, run by each device on its part of the batch)."""
-    def run(n, meshes):
-        env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={n}")
-        script = DEVICES_SCRIPT.replace("CORPUS", repr(corpus)).replace("KERNELS", str(kernels))
-        r = subprocess.run([sys.executable, "-c", script, str(tmp_path), *meshes], env=env, cwd=HERE,
-                           capture_output=True, text=True, timeout=600)
-        assert r.returncode == 0, r.stderr[-2000:]
-        return json.loads(r.stdout.strip().splitlines()[-1])
-    one = run(1, ["data=1"])
-    eight = run(8, ["data=8", "data=4,model=2"])
+    """train.py over a mesh of 8 CPU devices (a subprocess) gives the losses of this process's one device, with
+    the CPU's forms and with the GPU's (its kernels interpreted, run by each device on its part of the batch)."""
+    one = mesh_losses(str(tmp_path), corpus, kernels, ["data=1"])  # first: it writes the tokenizer both use
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    script = "import json, sys, test_bigs; print(json.dumps(test_bigs.mesh_losses(*sys.argv[1:3], KERNELS, sys.argv[3:])))"
+    r = subprocess.run([sys.executable, "-c", script.replace("KERNELS", str(kernels)), str(tmp_path), corpus,
+                        "data=8", "data=4,model=2"], env=env, cwd=HERE, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    eight = json.loads(r.stdout.strip().splitlines()[-1])
     assert len(one["data=1"]) == 3
     for mesh in ("data=8", "data=4,model=2"):
         np.testing.assert_allclose(eight[mesh], one["data=1"], rtol=2e-5, err_msg=mesh)
@@ -970,29 +972,35 @@ def start_processes(script, argv, processes, devices):
                              stderr=subprocess.PIPE, text=True) for f in flags]
 
 
-def run_processes(*runs):
-    """Runs at once each (script, argv, processes, devices) of start_processes; each process must succeed."""
-    ps = [p for run in runs for p in start_processes(*run)]
+def run_processes(script, argv, processes, devices, meanwhile=lambda: None):
+    """Runs start_processes(script, argv, processes, devices), and meanwhile() here; each process must succeed.
+    Returns what meanwhile returned."""
+    ps = start_processes(script, argv, processes, devices)
+    result = meanwhile()
     for p in ps:
         err = p.communicate(timeout=300)[1]
         assert p.returncode == 0, err[-3000:]
+    return result
 
 
-def test_two_processes_train_and_resume_as_one_process_with_four_devices(tmp_path, corpus):
+def test_two_processes_train_and_resume_as_one_process(tmp_path, corpus):
+    """Two processes of two CPU devices each (a data=4 mesh over both) train, save, resume and log as this
+    process does alone on its one device. They start with an empty cache folder, which they share: process 0
+    trains the tokenizer and gives it to process 1, and both write the token streams."""
+    cache = ["--cache_dir", str(tmp_path / "cache")]
     argv = lambda out, steps: ["--model", "tiny", "--seq_len", "64", "--batch_size", "8", "--steps", str(steps),
                                "--warmup", "1", "--log_every", "1", "--eval_every", "2", "--eval_batches", "2",
-                               "--save_every", "2", "--dataset", corpus, "--cache_dir", cache_of(corpus),
-                               "--out", str(tmp_path / out)]
-    modes = ((1, 4, "one"), (2, 2, "two"))  # run side by side, then each resumed the same way
-    run_processes(*(("train.py", argv(out, 4), processes, devices) for processes, devices, out in modes))
-    run_processes(*(("train.py", ["--out", str(tmp_path / out), "--resume", "--steps", "6"], processes, devices)
-                    for processes, devices, out in modes))
+                               "--save_every", "2", "--dataset", corpus, "--out", str(tmp_path / out), *cache]
+    resume = lambda out: ["--out", str(tmp_path / out), "--resume", "--steps", "6", *cache]
+    run_processes("train.py", argv("two", 4), 2, 2)
+    run_processes("train.py", resume("two"), 2, 2)
+    assert train.main(argv("one", 4)) == 0 and train.main(resume("one")) == 0  # process 0's tokenizer, cached
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")  # each step logged once, by process 0 alone
     assert sorted(two) == [1, 2, 3, 4, 5, 6]
     np.testing.assert_allclose([two[s] for s in sorted(two)], [one[s] for s in sorted(two)], rtol=2e-5)
     a, b = (bigs.from_pretrained(str(tmp_path / out / "checkpoint"))[1] for out in ("one", "two"))
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):  # AdamW divides by the gradients' rms, which
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=2e-5)  # magnifies rounding in rare tokens' rows
     assert sorted(os.listdir(tmp_path / "two")) == sorted(os.listdir(tmp_path / "one"))
 
 
@@ -1014,12 +1022,13 @@ def test_ctrl_c_on_one_process_stops_both_at_one_step_with_a_checkpoint(tmp_path
     assert sorted(losses(out)) == list(range(1, step + 1))
 
 
-def test_two_processes_finetune_as_one_process_with_four_devices(tmp_path, tiny_vocab):
+def test_two_processes_finetune_as_one_process(tmp_path, tiny_vocab):
     data = write_files(tmp_path / "data", GLUE_FILES["rte"])
     argv = lambda out: ["--task", "rte", "--data_dir", data, "--model_name_or_path", os.path.join(OFFICIAL, "mlm"),
                         "--tokenizer", tiny_vocab, "--batch_size", "4", "--epochs", "2",
                         "--lr", "1e-3", "--out", str(tmp_path / out)]
-    run_processes(("finetune.py", argv("one"), 1, 4), ("finetune.py", argv("two"), 2, 2))
+    # meanwhile the same run in this process, on its one device
+    assert run_processes("finetune.py", argv("two"), 2, 2, meanwhile=lambda: finetune.main(argv("one"))) == 0
     one, two = (json.loads((tmp_path / out / "metrics.json").read_text()) for out in ("one", "two"))
     assert one["final"] == two["final"] and one["steps"] == two["steps"] == 2
     assert len((tmp_path / "two" / "metrics.jsonl").read_text().splitlines()) == 2  # one row per evaluation

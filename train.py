@@ -131,24 +131,45 @@ def bert_tokenizer(model):
     return tok
 
 
+def wordpiece(texts, vocab_size, cache_dir, source):
+    """A WordPiece of vocab_size trained on texts, or read from cache_dir (under a key of source). In a run of
+    several processes, process 0's on every process: the training breaks ties differently each time."""
+    from tokenizers import Tokenizer
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        data = np.frombuffer(wordpiece_text(texts, vocab_size, cache_dir, source).encode()
+                             if jax.process_index() == 0 else b"", np.uint8)
+        n = int(multihost_utils.broadcast_one_to_all(np.int32(data.size)))
+        data = multihost_utils.broadcast_one_to_all(np.pad(data, (0, n - data.size)))
+        return Tokenizer.from_str(np.asarray(data, np.uint8).tobytes().decode())
+    return Tokenizer.from_str(wordpiece_text(texts, vocab_size, cache_dir, source))
+
+
+def wordpiece_text(texts, vocab_size, cache_dir, source):
+    """wordpiece's tokenizer as JSON text, trained here unless cache_dir holds it."""
+    from tokenizers import models, trainers
+    key = hashlib.sha256(f"{source}|{vocab_size}|wordpiece-v1".encode()).hexdigest()[:16]
+    path = os.path.join(cache_dir, f"tokenizer-{key}.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            return f.read()
+    t0 = time.perf_counter()
+    tok = bert_tokenizer(models.WordPiece(unk_token="[UNK]"))
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False)
+    tok.train_from_iterator((batch["text"] for batch in texts.iter(batch_size=1000)), trainer)
+    os.makedirs(cache_dir, exist_ok=True)
+    bigs.write_atomic(path, tok.to_str().encode())
+    print(f"train.py: trained a WordPiece tokenizer of {tok.get_vocab_size()} tokens in "
+          f"{time.perf_counter() - t0:.0f} s: {path}")
+    return tok.to_str()
+
+
 def get_tokenizer(spec, texts=None, vocab_size=None, cache_dir=None, source=None):
     """A tokenizers.Tokenizer from a vocab.txt, a tokenizer.json or a hub id; spec None: a WordPiece of
     vocab_size trained on texts (a datasets.Dataset) and cached in cache_dir under a key of source."""
-    from tokenizers import Tokenizer, models, trainers
+    from tokenizers import Tokenizer, models
     if spec is None:
-        key = hashlib.sha256(f"{source}|{vocab_size}|wordpiece-v1".encode()).hexdigest()[:16]
-        path = os.path.join(cache_dir, f"tokenizer-{key}.json")
-        if os.path.exists(path):
-            return Tokenizer.from_file(path)
-        t0 = time.perf_counter()
-        tok = bert_tokenizer(models.WordPiece(unk_token="[UNK]"))
-        trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False)
-        tok.train_from_iterator((batch["text"] for batch in texts.iter(batch_size=1000)), trainer)
-        os.makedirs(cache_dir, exist_ok=True)
-        bigs.write_atomic(path, tok.to_str().encode())
-        print(f"train.py: trained a WordPiece tokenizer of {tok.get_vocab_size()} tokens in "
-              f"{time.perf_counter() - t0:.0f} s: {path}")
-        return tok
+        return wordpiece(texts, vocab_size, cache_dir, source)
     if spec.endswith(".txt"):
         if not os.path.isfile(spec):
             raise UsageError(f"tokenizer vocabulary not found: {spec}")
@@ -199,15 +220,20 @@ def token_stream(texts, tok, stem):
     path = f"{stem}.{dtype}"
     if not os.path.exists(path):
         sep, t0, total = tok.token_to_id("[SEP]"), time.perf_counter(), 0
-        with open(path + ".tmp", "wb") as f:
-            for batch in texts.iter(batch_size=1000):
-                docs = [e.ids + [sep] for e in tok.encode_batch(batch["text"], add_special_tokens=False) if e.ids]
-                ids = np.concatenate([np.asarray(d, dtype) for d in docs]) if docs else np.zeros(0, dtype)
-                f.write(ids.tobytes())
-                total += len(ids)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(path + ".tmp", path)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")  # its own: processes that share
+        try:                                                                   # the folder write the same file
+            with os.fdopen(fd, "wb") as f:
+                for batch in texts.iter(batch_size=1000):
+                    docs = [e.ids + [sep] for e in tok.encode_batch(batch["text"], add_special_tokens=False) if e.ids]
+                    ids = np.concatenate([np.asarray(d, dtype) for d in docs]) if docs else np.zeros(0, dtype)
+                    f.write(ids.tobytes())
+                    total += len(ids)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
         print(f"train.py: tokenised {len(texts)} documents into {total:,} tokens in "
               f"{time.perf_counter() - t0:.0f} s: {path}")
     return np.memmap(path, dtype, mode="r") if os.path.getsize(path) else np.zeros(0, dtype)
