@@ -470,12 +470,15 @@ def load_msgpack(path):
 
 
 def write_atomic(path, data):
-    """Write bytes to path so that a crash leaves either the old file or the new one, never half of one."""
+    """Write bytes, or an iterable of bytes written in turn (a file too large to hold), to path so that a crash
+    leaves either the old file or the new one, never half of one. Each call writes a file of its own first, so
+    that processes writing the same path do not meet."""
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            for chunk in [data] if isinstance(data, bytes) else data:
+                f.write(chunk)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

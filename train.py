@@ -219,21 +219,14 @@ def token_stream(texts, tok, stem):
     dtype = stream_dtype(tok)
     path = f"{stem}.{dtype}"
     if not os.path.exists(path):
-        sep, t0, total = tok.token_to_id("[SEP]"), time.perf_counter(), 0
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")  # its own: processes that share
-        try:                                                                   # the folder write the same file
-            with os.fdopen(fd, "wb") as f:
-                for batch in texts.iter(batch_size=1000):
-                    docs = [e.ids + [sep] for e in tok.encode_batch(batch["text"], add_special_tokens=False) if e.ids]
-                    ids = np.concatenate([np.asarray(d, dtype) for d in docs]) if docs else np.zeros(0, dtype)
-                    f.write(ids.tobytes())
-                    total += len(ids)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        sep, t0 = tok.token_to_id("[SEP]"), time.perf_counter()
+
+        def chunks():
+            for batch in texts.iter(batch_size=1000):
+                docs = [e.ids + [sep] for e in tok.encode_batch(batch["text"], add_special_tokens=False) if e.ids]
+                yield (np.concatenate([np.asarray(d, dtype) for d in docs]) if docs else np.zeros(0, dtype)).tobytes()
+        bigs.write_atomic(path, chunks())
+        total = os.path.getsize(path) // dtype.itemsize
         print(f"train.py: tokenised {len(texts)} documents into {total:,} tokens in "
               f"{time.perf_counter() - t0:.0f} s: {path}")
     return np.memmap(path, dtype, mode="r") if os.path.getsize(path) else np.zeros(0, dtype)
