@@ -135,14 +135,14 @@ def wordpiece(texts, vocab_size, cache_dir, source):
     """A WordPiece of vocab_size trained on texts, or read from cache_dir (under a key of source). In a run of
     several processes, process 0's on every process: the training breaks ties differently each time."""
     from tokenizers import Tokenizer
-    if jax.process_count() > 1:
+    text = wordpiece_text(texts, vocab_size, cache_dir, source) if jax.process_index() == 0 else ""
+    if jax.process_count() > 1:  # its bytes, padded to process 0's length, from process 0 to all
         from jax.experimental import multihost_utils
-        data = np.frombuffer(wordpiece_text(texts, vocab_size, cache_dir, source).encode()
-                             if jax.process_index() == 0 else b"", np.uint8)
+        data = np.frombuffer(text.encode(), np.uint8)
         n = int(multihost_utils.broadcast_one_to_all(np.int32(data.size)))
         data = multihost_utils.broadcast_one_to_all(np.pad(data, (0, n - data.size)))
-        return Tokenizer.from_str(np.asarray(data, np.uint8).tobytes().decode())
-    return Tokenizer.from_str(wordpiece_text(texts, vocab_size, cache_dir, source))
+        text = np.asarray(data, np.uint8).tobytes().decode()
+    return Tokenizer.from_str(text)
 
 
 def wordpiece_text(texts, vocab_size, cache_dir, source):
