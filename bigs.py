@@ -1,18 +1,20 @@
 """BiGS, the bidirectional gated state-space encoder of "Pretraining Without Attention"
 (Wang, Yan, Gu, Rush, 2022), as pure JAX functions over plain dicts of arrays.
 
-Read top to bottom next to the paper:
+Read top to bottom next to the paper; sections 1 to 4 are the method and only the method:
   1. the S4D state-space model: its parameters, its convolution kernel K, the convolution, the recurrence;
   2. the gated bidirectional block (V, F, B, U_F, U_B, U, O);
   3. embeddings, the encoder (a stack of blocks), the pooler, the heads and `forward`;
-  4. initialisation, reading and writing official Flax checkpoints, and the fill-mask demo;
+  4. initialisation (the official one) and the fill-mask demo.
+After the paper:
   5. the fast forms: the same sums as in 1 and 2, computed faster (matmuls for the convolution, GPU
      kernels, hand-written gradients). Each names the reference form it equals and the test that shows
-     it; `Config(fast=False)` runs the model on the reference forms alone.
+     it; `Config(fast=False)` runs the model on the reference forms alone;
+  6. checkpoints: the official Flax format and parameter names, save_pretrained, from_pretrained.
 
-Shapes: L sequence length, batch (the sequences of a batch; B is the paper's backward branch), H hidden_size,
-I intermediate_size, N num_ssm (complex modes), V vocab_size. The computation equals the official Flax
-implementation (tests: test_bigs.py).
+Shapes: L sequence length, batch the sequences of a batch, H hidden_size, I intermediate_size, N num_ssm
+(complex modes), vocab vocab_size. V, F, B, U and O are the paper's activations of the block, nothing else.
+The computation equals the official Flax implementation (tests: test_bigs.py).
 """
 
 import dataclasses
@@ -73,8 +75,9 @@ PRESETS = {
 }
 
 # ----------------------------------------------------------------------------------------------------
-# 1. The S4D state-space model (one per direction per layer; B = 1; one kernel shared by all H channels).
-#    Continuous: x'(t) = A x(t) + u(t),  y(t) = Re(C x(t)) + D u(t),  A = diag(A_1..A_N) complex.
+# 1. The S4D state-space model (one per direction per layer; one kernel shared by all H channels).
+#    Continuous, with S4D's input matrix fixed to 1:  x'(t) = A x(t) + u(t),  y(t) = Re(C x(t)) + D u(t),
+#    A = diag(A_1..A_N) complex.
 #    Zero-order hold with step dt:  Abar = exp(dt A),  Bbar = (exp(dt A) - 1) / A.
 
 
@@ -125,14 +128,13 @@ def ssm_recurrent(p, u):
 
 # ----------------------------------------------------------------------------------------------------
 # 2. The gated bidirectional block. Every dense layer has a bias; the layers use the tanh GELU.
-#    The block calls three operations through the dispatch points below (`layer_norm_residual`,
-#    `gelu_tanh`, `ssm_conv`): the reference forms written here, or their fast forms of section 5.
+#    The block calls three operations through the dispatch points below (`residual_and_norm`, `gelu`,
+#    `ssm_conv`), each named for what it computes: the reference form written here, or its fast form of
+#    section 5 (the same function).
 
 
 def dense(p, x, dtype):
-    """x (..., n) @ kernel (n, m) + bias, as one matmul of (tokens, n): with the leading axes kept, the kernel's
-    gradient contracts two axes at once, which XLA's CPU backend does at about half the rate of a matmul
-    (README, Benchmarks); on GPUs the two forms run at the same speed."""
+    """x (..., n) @ kernel (n, m) + bias, in dtype."""
     x, kernel = x.astype(dtype), p["kernel"].astype(dtype)
     return (jnp.dot(x.reshape(-1, x.shape[-1]), kernel) + p["bias"].astype(dtype)).reshape(x.shape[:-1] + (-1,))
 
@@ -149,23 +151,24 @@ def layer_norm(p, x, eps):
     return (x - mean) * rstd * p["scale"] + p["bias"]
 
 
-def layer_norm_residual(p, x, config):
-    """(x, X = LayerNorm(x) in the compute dtype).  x: (L, batch, H) float32, the residual stream."""
-    if config.fast and use_kernels():  # one backward pass for both, a kernel (on a CPU autodiff is faster)
+def residual_and_norm(p, x, config):
+    """The two paths of a pre-norm block: the residual stream x as it is, and X = LayerNorm(x) in the compute
+    dtype.  x: (L, batch, H) float32. (Returned together so that a fast form may sum both paths' gradients.)"""
+    if config.fast and use_kernels():
         return pre_norm(p, x, config.layer_norm_eps, jnp.dtype(config.dtype))
     return x, layer_norm(p, x, config.layer_norm_eps).astype(config.dtype)
 
 
-def gelu_tanh(x, config):
-    """GELU in its tanh form, 0.5 x (1 + tanh(c (x + a x^3))), c = sqrt(2/pi), a = 0.044715."""
+def gelu(x, config):
+    """The layers' GELU, in its tanh form: 0.5 x (1 + tanh(c (x + a x^3))), c = sqrt(2/pi), a = 0.044715."""
     return gelu_fast(x) if config.fast else jax.nn.gelu(x, approximate=True)
 
 
 def ssm_conv(p, u, config, reverse=False):
     """SSM(u) along the time axis of u (L, batch, H), in u's dtype; reverse=True reads the sequence from its
     end: Flip(SSM(Flip(u)))."""
-    if config.fast:  # chunks of 512 tokens; on a CPU, of 8 N (128 for the default model), each measured fastest
-        return ssm_chunked(p, u, reverse, Q=8 * config.num_ssm if jax.default_backend() == "cpu" else 512)
+    if config.fast:
+        return ssm_chunked(p, u, reverse, Q=chunk_size(config))
     flip = lambda a: jnp.flip(a, axis=0)
     return (flip(ssm(p, flip(u))) if reverse else ssm(p, u)).astype(u.dtype)
 
@@ -173,18 +176,18 @@ def ssm_conv(p, u, config, reverse=False):
 def bigs_layer(p, x, mask, config):
     """One BiGS layer, pre-norm: x + O(LayerNorm(x)).  x: (L, batch, H), time first; mask: (L, batch, 1) of
     0/1, or None. The paper's B = gelu(W_b Flip(X)) and U_B = Flip(W_ub SSM_b(B)): since W_b and W_ub act on
-    each token alone they commute with Flip, so B is computed in reading order and SSM_b reads it from the
-    end (reverse=True). That makes V, F and B one matmul, and saves four passes over the activations."""
+    each token alone they commute with Flip, so B is computed in reading order (one matmul with V and F) and
+    SSM_b reads it from the end (reverse=True)."""
     cdt = jnp.dtype(config.dtype)  # the matmuls' compute dtype
     I, H = config.intermediate_size, config.hidden_size
-    x, X = layer_norm_residual(p["norm"], x, config)  # X = LayerNorm(x), x unchanged
+    x, X = residual_and_norm(p["norm"], x, config)  # X = LayerNorm(x); x, the residual stream
     W = {k: jnp.concatenate([p[w][k] for w in ("W_v", "W_f", "W_b")], -1) for k in ("kernel", "bias")}
-    V, F, B = jnp.split(gelu_tanh(dense(W, X, cdt), config), [I, I + H], axis=-1)  # V (L, batch, I); F, B (L, batch, H)
+    V, F, B = jnp.split(gelu(dense(W, X, cdt), config), [I, I + H], axis=-1)  # V (L, batch, I); F, B (L, batch, H)
     if mask is not None:  # pads feed nothing into either SSM
         F, B = F * mask.astype(cdt), B * mask.astype(cdt)
     U_F = dense(p["W_uf"], ssm_conv(p["ssm_f"], F, config), cdt)  # (L, batch, H)  the forward SSM
     U_B = dense(p["W_ub"], ssm_conv(p["ssm_b"], B, config, reverse=True), cdt)  # (L, batch, H)  the backward SSM
-    U = gelu_tanh(dense(p["W_l"], U_F * U_B, cdt), config)  # (L, batch, I)  multiplicative gating
+    U = gelu(dense(p["W_l"], U_F * U_B, cdt), config)  # (L, batch, I)  multiplicative gating
     O = dense(p["W_o"], U * V, cdt)  # (L, batch, H)
     return x + O.astype(jnp.float32)
 
@@ -203,9 +206,7 @@ def dropout(x, rate, rng):
 
 def embed(p, config, input_ids, token_type_ids, rng):
     """Word + learned absolute position + token type, LayerNorm, dropout.  Time first: (L, batch) -> (L, batch, H)."""
-    positions = jnp.broadcast_to(jnp.arange(input_ids.shape[0])[:, None], input_ids.shape)  # (L, batch), looked up
-    # per token: one (L, H) slice added to every sequence would have a gradient summed over the batch, for which
-    # XLA stores the residual stream with the batch minor on GPUs, a transpose in every layer.
+    positions = jnp.broadcast_to(jnp.arange(input_ids.shape[0])[:, None], input_ids.shape)  # (L, batch)
     x = p["word"][input_ids] + p["token_type"][token_type_ids] + p["position"][positions]
     return dropout(layer_norm(p["norm"], x, config.layer_norm_eps), config.hidden_dropout_prob, rng)
 
@@ -213,9 +214,7 @@ def embed(p, config, input_ids, token_type_ids, rng):
 def encode(params, config, input_ids, attention_mask=None, token_type_ids=None, rng=None):
     """Embeddings, then the stack of BiGS layers (parameters stacked on a leading layer axis).
     input_ids, attention_mask, token_type_ids: (batch, L) -> hidden states (L, batch, H), time first as the
-    layers compute them (see ssm_chunked): the ids are transposed here, not the activations, since a transpose
-    of the activations at either end makes XLA store the whole residual stream batch-first, a transpose per
-    layer."""
+    layers compute them."""
     L = input_ids.shape[-1]
     if not 1 <= L <= config.max_position_embeddings:
         raise ValueError(f"sequence length {L} is outside 1..max_position_embeddings={config.max_position_embeddings}")
@@ -226,14 +225,13 @@ def encode(params, config, input_ids, attention_mask=None, token_type_ids=None, 
     if config.mask_padding and attention_mask is not None:
         mask = attention_mask.T[..., None].astype(jnp.float32)  # (L, batch, 1)
     layer = jax.checkpoint(bigs_layer, static_argnums=3) if config.remat else bigs_layer
-    for p in unstack(params["layers"], config.num_hidden_layers):  # a Python loop, not lax.scan: XLA then
-        x = layer(p, x, mask, config)  # fuses and schedules across layers, which is faster
+    for p in unstack(params["layers"], config.num_hidden_layers):
+        x = layer(p, x, mask, config)
     return x
 
 
 def unstack(tree, n):
-    """The n trees of a tree whose leaves are stacked on a leading axis of length n. Split, not indexed:
-    the gradient of a split is one concatenation, that of n indexings a sum of n zero-padded copies."""
+    """The n trees of a tree whose leaves are stacked on a leading axis of length n."""
     parts = jax.tree.map(lambda a: [piece[0] for piece in jnp.split(a, n)], tree)
     return [jax.tree.map(lambda piece: piece[i], parts, is_leaf=lambda x: isinstance(x, list)) for i in range(n)]
 
@@ -253,8 +251,9 @@ def pool(p, config, h, attention_mask):
 
 
 def mlm_head(params, config, h, masked_positions=None):
-    """Masked-LM logits (batch, L, V), or (batch, M, V) at masked_positions (batch, M) only, from h (L, batch, H): dense,
-    exact GELU, LayerNorm, then the decoder (tied: the word embeddings transposed) and a bias."""
+    """Masked-LM logits (batch, L, vocab), or (batch, M, vocab) at masked_positions (batch, M) only, from h
+    (L, batch, H): dense, exact GELU, LayerNorm, then the decoder (tied: the word embeddings transposed) and a
+    bias."""
     p = params["mlm"]
     if masked_positions is None:
         h = h.swapaxes(0, 1)  # (batch, L, H)
@@ -262,11 +261,10 @@ def mlm_head(params, config, h, masked_positions=None):
         h = h[masked_positions, jnp.arange(h.shape[1])[:, None]]  # (batch, M, H)
     cdt = jnp.dtype(config.dtype)
     t = layer_norm(p["norm"], jax.nn.gelu(dense(p["dense"], h, cdt), approximate=False), config.layer_norm_eps)
-    W = params["embeddings"]["word"].T if config.tie_word_embeddings else p["decoder"]  # (H, V)
-    V, pad = W.shape[1], ((0, 0), (0, -W.shape[1] % 128))  # V padded to whole tiles of 128 and cut off again:
-    # with V = 30522 a GPU ran this matmul's input gradient at a third of the speed of the others
+    W = params["embeddings"]["word"].T if config.tie_word_embeddings else p["decoder"]  # (H, vocab)
+    n, pad = W.shape[1], ((0, 0), (0, -W.shape[1] % 128))  # the vocabulary padded to whole tiles, then cut back
     logits = dense({"kernel": jnp.pad(W, pad), "bias": jnp.pad(p["bias"], pad[1])}, t, cdt)
-    return logits[..., :V].astype(jnp.float32)
+    return logits[..., :n].astype(jnp.float32)
 
 
 HEADS = ("mlm", "classification", "token_classification", "question_answering", "multiple_choice")
@@ -275,7 +273,7 @@ HEADS = ("mlm", "classification", "token_classification", "question_answering", 
 def forward(params, config, input_ids, attention_mask=None, token_type_ids=None, *, head, train=False, rng=None,
             masked_positions=None):
     """The model with one head. Returns
-      mlm: logits (batch, L, V), or (batch, M, V) at masked_positions (batch, M);
+      mlm: logits (batch, L, vocab), or (batch, M, vocab) at masked_positions (batch, M);
       classification: (batch, num_labels) (num_labels = 1: a regression score);
       token_classification: (batch, L, num_labels);
       question_answering: (start_logits, end_logits), each (batch, L);
@@ -308,7 +306,7 @@ def forward(params, config, input_ids, attention_mask=None, token_type_ids=None,
 
 
 # ----------------------------------------------------------------------------------------------------
-# 4. Initialisation (the official one), checkpoints, and the fill-mask demo.
+# 4. Initialisation (the official one), and the fill-mask demo.
 
 
 def hippo_imag(N):
@@ -378,197 +376,6 @@ def init_params(config, key, head="mlm"):
     return params
 
 
-# Checkpoints: a folder with config.json and flax_model.msgpack, the official format, written and read with
-# the official parameter names so that official checkpoints and ours are interchangeable.
-
-ARCHITECTURES = {"mlm": "BiGSForMaskedLM", "classification": "BiGSForSequenceClassification",
-                 "token_classification": "BiGSForTokenClassification",
-                 "question_answering": "BiGSForQuestionAnswering", "multiple_choice": "BiGSForMultipleChoice"}
-
-# Our parameter path prefix -> the official one. Layer entries sit under s4_bert/encoder/layer/<i>/.
-OFFICIAL_NAMES = {
-    "embeddings/word": "s4_bert/embeddings/word_embeddings/embedding",
-    "embeddings/position": "s4_bert/embeddings/position_embeddings/embedding",
-    "embeddings/token_type": "s4_bert/embeddings/token_type_embeddings/embedding",
-    "embeddings/norm": "s4_bert/embeddings/LayerNorm",
-    "layers/norm": "LayerNorm", "layers/W_v": "dv", "layers/W_f": "du_forward", "layers/W_b": "du_backward",
-    "layers/W_uf": "duc_forward", "layers/W_ub": "duc_backward", "layers/W_l": "dol", "layers/W_o": "do",
-    "layers/ssm_f": "fs4", "layers/ssm_b": "bs4",
-    "pooler": "s4_bert/pooler/dense",
-    "mlm/dense": "cls/predictions/transform/dense", "mlm/norm": "cls/predictions/transform/LayerNorm",
-    "mlm/bias": "cls/predictions/bias", "mlm/decoder": "cls/predictions/decoder/kernel",
-    "classifier": "classifier", "qa_outputs": "qa_outputs",
-}
-
-
-def flatten(tree, prefix=""):
-    """{'a': {'b': x}} -> {'a/b': x}"""
-    if not isinstance(tree, dict):
-        return {prefix: tree}
-    return {k: v for key, sub in tree.items() for k, v in flatten(sub, f"{prefix}/{key}" if prefix else key).items()}
-
-
-def unflatten(flat):
-    tree = {}
-    for path, value in flat.items():
-        *parents, leaf = path.split("/")
-        node = tree
-        for name in parents:
-            node = node.setdefault(name, {})
-        node[leaf] = value
-    return tree
-
-
-def official_path(path, layer=None):
-    prefix = max((k for k in OFFICIAL_NAMES if path == k or path.startswith(k + "/")), key=len)
-    name = OFFICIAL_NAMES[prefix] + path[len(prefix):]
-    return name if layer is None else f"s4_bert/encoder/layer/{layer}/{name}"
-
-
-def to_official(params):
-    """Our params -> {official '/'-joined path: array}, the layers unstacked."""
-    out = {}
-    for path, x in flatten(params).items():
-        x = np.asarray(x)
-        if path.startswith("layers/"):
-            out.update({official_path(path, i): x[i] for i in range(x.shape[0])})
-        else:
-            out[official_path(path)] = x
-    return out
-
-
-# msgpack as Flax writes it: nested maps; each array an ext object (code 1) holding (shape, dtype name, bytes).
-def _pack_array(x):
-    import msgpack
-    x = np.ascontiguousarray(x)
-    return msgpack.ExtType(1, msgpack.packb((x.shape, x.dtype.name, x.tobytes()), use_bin_type=True))
-
-
-def _unpack_array(code, data):
-    import msgpack
-    if code != 1:
-        raise ValueError(f"unsupported msgpack ext type {code} (only arrays, type 1, are expected)")
-    shape, dtype, buffer = msgpack.unpackb(data, raw=False)
-    return np.frombuffer(buffer, dtype=np.dtype(dtype)).reshape(shape)
-
-
-def save_msgpack(path, flat):
-    """Writes {'/'-joined path: array} as a Flax msgpack file, atomically (a temporary file, then a rename)."""
-    import msgpack
-    data = msgpack.packb(unflatten({k: _pack_array(v) for k, v in flat.items()}), use_bin_type=True)
-    write_atomic(path, data)
-
-
-def load_msgpack(path):
-    import msgpack
-    with open(path, "rb") as f:
-        data = f.read()
-    try:
-        return flatten(msgpack.unpackb(data, ext_hook=_unpack_array, raw=False, strict_map_key=False))
-    except (ValueError, TypeError, msgpack.UnpackException) as e:  # truncated or not msgpack
-        raise ValueError(f"{path}: not a complete Flax msgpack file ({e})") from e
-
-
-def write_atomic(path, data):
-    """Write bytes, or an iterable of bytes written in turn (a file too large to hold), to path so that a crash
-    leaves either the old file or the new one, never half of one. Each call writes a file of its own first, so
-    that processes writing the same path do not meet."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            for chunk in [data] if isinstance(data, bytes) else data:
-                f.write(chunk)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
-def config_from_json(d):
-    """Config from an official (or our) config.json dict; unknown keys are ignored."""
-    for key, supported in (("hidden_act", "gelu"), ("pre_norm", True), ("position_embedding_type", "absolute")):
-        if d.get(key, supported) != supported:
-            raise ValueError(f"config.json has {key}={d[key]!r}; only {supported!r} is supported")
-    names = {f.name for f in dataclasses.fields(Config)} - set(RUN_SETTINGS)  # older files may hold dtype, remat
-    kwargs = {k: v for k, v in d.items() if k in names}
-    if "id2label" in d:  # the official config writes num_labels only through id2label
-        kwargs["num_labels"] = len(d["id2label"])
-    return Config(**kwargs)
-
-
-def head_of(d):
-    """The head named by a config.json's 'architectures' (default: mlm)."""
-    arch = (d.get("architectures") or ["BiGSForMaskedLM"])[0]
-    heads = {v: k for k, v in ARCHITECTURES.items()}
-    if arch not in heads:
-        raise ValueError(f"config.json names architecture {arch!r}; known: {', '.join(heads)}")
-    return heads[arch]
-
-
-def save_pretrained(path, config, params, head="mlm"):
-    """Writes config.json (the model: every field but the RUN_SETTINGS) and flax_model.msgpack into the
-    folder path (created if needed)."""
-    os.makedirs(path, exist_ok=True)
-    save_msgpack(os.path.join(path, "flax_model.msgpack"), to_official(params))
-    d = {k: v for k, v in dataclasses.asdict(config).items() if k not in RUN_SETTINGS}
-    d.update(architectures=[ARCHITECTURES[head]], model_type="BiGS")
-    if head == "classification":
-        d["id2label"] = {str(i): f"LABEL_{i}" for i in range(config.num_labels)}
-    write_atomic(os.path.join(path, "config.json"), json.dumps(d, indent=2).encode())
-
-
-def from_pretrained(path_or_hub_id, **overrides):
-    """(config, params) from a checkpoint folder (official Flax or ours) or a hub id such as
-    'JunxiongWang/BiGS_4096' (downloaded with huggingface_hub). overrides replace config fields, e.g.
-    mask_padding=False, or the run settings dtype='bfloat16', remat=True, fast=False. Every parameter must be
-    present with its expected shape."""
-    path = path_or_hub_id
-    if not os.path.isdir(path):
-        if os.path.exists(path) or path.count("/") != 1:
-            raise FileNotFoundError(f"{path}: not a checkpoint folder (config.json + flax_model.msgpack) nor a hub id")
-        import huggingface_hub
-        try:
-            path = huggingface_hub.snapshot_download(path, allow_patterns=["config.json", "flax_model.msgpack"])
-        except Exception as e:  # offline, or an id the hub does not have: many kinds of error
-            raise FileNotFoundError(f"{path}: no such folder, and the hub cannot give it "
-                                    f"({type(e).__name__}); offline, give a local checkpoint folder") from e
-    files = [os.path.join(path, name) for name in ("config.json", "flax_model.msgpack")]
-    for f in files:
-        if not os.path.isfile(f):
-            raise FileNotFoundError(f"{f}: missing (a checkpoint folder holds config.json and flax_model.msgpack)")
-    with open(files[0]) as f:
-        try:
-            d = json.load(f)
-        except ValueError as e:
-            raise ValueError(f"{files[0]}: not valid JSON ({e})") from e
-    config = dataclasses.replace(config_from_json(d), **overrides)
-    head = head_of(d)
-    found = load_msgpack(files[1])
-    expected = jax.eval_shape(lambda: init_params(config, jax.random.key(0), head))
-    flat = {}
-    for ours, spec in flatten(expected).items():
-        if ours.startswith("layers/"):
-            names = [official_path(ours, i) for i in range(config.num_hidden_layers)]
-            shape = spec.shape[1:]
-        else:
-            names, shape = [official_path(ours)], spec.shape
-        arrays = []
-        for name in names:
-            if name not in found:
-                raise ValueError(f"{files[1]}: parameter {name} is missing (expected shape {tuple(shape)})")
-            x = found.pop(name)
-            if x.shape != tuple(shape):
-                raise ValueError(f"{files[1]}: parameter {name} has shape {x.shape}, config.json implies {tuple(shape)}")
-            arrays.append(x)
-        flat[ours] = jnp.asarray(np.stack(arrays) if ours.startswith("layers/") else arrays[0], spec.dtype)
-    if found:
-        raise ValueError(f"{files[1]}: unknown parameter(s) for {ARCHITECTURES[head]}: {', '.join(sorted(found))}")
-    return config, unflatten(flat)
-
-
 # The official README's demo: the most likely tokens for each [MASK].
 
 
@@ -580,10 +387,9 @@ def fill_mask(params, config, tokenizer, text, top_k=5):
     positions = [i for i, t in enumerate(ids) if t == mask_id]
     if not positions:
         raise ValueError(f"no [MASK] in {text!r}")
-    # one compiled program: run op by op, the model would take many times longer on a CPU
     logits = jax.jit(forward, static_argnames=("config", "head"))(params, config, jnp.asarray([ids]), head="mlm",
                                                                   masked_positions=jnp.asarray([positions]))
-    probs = jax.nn.softmax(logits[0], axis=-1)  # (M, V)
+    probs = jax.nn.softmax(logits[0], axis=-1)  # (M, vocab)
     top = jnp.argsort(-probs, axis=-1)[:, :top_k]
     return [[(tokenizer.id_to_token(int(t)), float(probs[m, t])) for t in top[m]] for m in range(len(positions))]
 
@@ -597,9 +403,32 @@ def fill_mask(params, config, tokenizer, text, top_k=5):
 #    5d. gelu_fast: the tanh GELU in its sigmoid form, with a hand-written backward pass (reference: jax.nn.gelu).
 #    The kernels are written in Pallas and compiled by Triton on a GPU; on a CPU the tests interpret them.
 #    On a mesh each device runs them on its own sequences (per_device, in 5b).
+#
+#    Sections 1-3 are also laid out for speed where that leaves the sums unchanged (the measurements are in
+#    docs/performance.md):
+#    - activations are time first, (L, batch, H), so that each convolution matmul contracts the leading axis;
+#      encode transposes the ids, not the activations: a transpose of the activations at either end makes
+#      XLA store the whole residual stream batch-first, a transpose in every layer;
+#    - embed looks the position embeddings up per token: one (L, H) slice added to every sequence has a
+#      gradient summed over the batch, for which XLA stores the residual stream with the batch minor on GPUs;
+#    - dense is one matmul of (tokens, n): with the leading axes kept, the kernel's gradient contracts two axes
+#      at once, which XLA's CPU backend does at about half the rate of a matmul;
+#    - bigs_layer computes V, F and B as one matmul and runs SSM_b in reverse instead of flipping: four passes
+#      over the activations fewer;
+#    - encode loops over the layers in Python, not lax.scan, so that XLA fuses and schedules across layers,
+#      and unstack splits the stacked parameters (the gradient of a split is one concatenation, that of n
+#      indexings a sum of n zero-padded copies);
+#    - mlm_head pads the vocabulary to whole tiles of 128 columns: with 30,522 a GPU ran the decoder's input
+#      gradient at a third of the speed of the other matmuls;
+#    - fill_mask runs forward as one compiled program: op by op it takes many times longer on a CPU.
 
 
 # 5a. ---------------------------------------------------------------------------------------------------
+
+
+def chunk_size(config):
+    """ssm_conv's chunk Q, each measured fastest: 512 tokens, and on a CPU 8 N (128 for the default model)."""
+    return 8 * config.num_ssm if jax.default_backend() == "cpu" else 512
 
 
 def toeplitz(k):
@@ -891,7 +720,7 @@ pre_norm.defvjp(pre_norm_forward, pre_norm_backward)
 
 # 5d. ---------------------------------------------------------------------------------------------------
 # The tanh GELU, 0.5 x (1 + tanh u) with u = c (x + a x^3), computed as x s with s = sigmoid(2u) = (1 + tanh u) / 2:
-# the same function, which XLA runs faster on GPUs (README, Benchmarks). The backward pass keeps only the input:
+# the same function, which XLA runs faster on GPUs (docs/performance.md). The backward pass keeps only the input:
 # autodiff would keep the tanh and the product before it, two arrays to read back instead of one.
 GELU_C, GELU_A = np.sqrt(2 / np.pi), 0.044715
 
@@ -920,3 +749,197 @@ def gelu_backward(x, g):  # d/dx (x s) = s + x s (1 - s) 2c (1 + 3 a x^2)
 
 
 gelu_fast.defvjp(gelu_forward, gelu_backward)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 6. Checkpoints: a folder with config.json and flax_model.msgpack, the official format, written and read with
+# the official parameter names so that official checkpoints and ours are interchangeable.
+
+ARCHITECTURES = {"mlm": "BiGSForMaskedLM", "classification": "BiGSForSequenceClassification",
+                 "token_classification": "BiGSForTokenClassification",
+                 "question_answering": "BiGSForQuestionAnswering", "multiple_choice": "BiGSForMultipleChoice"}
+
+# Our parameter path prefix -> the official one. Layer entries sit under s4_bert/encoder/layer/<i>/.
+OFFICIAL_NAMES = {
+    "embeddings/word": "s4_bert/embeddings/word_embeddings/embedding",
+    "embeddings/position": "s4_bert/embeddings/position_embeddings/embedding",
+    "embeddings/token_type": "s4_bert/embeddings/token_type_embeddings/embedding",
+    "embeddings/norm": "s4_bert/embeddings/LayerNorm",
+    "layers/norm": "LayerNorm", "layers/W_v": "dv", "layers/W_f": "du_forward", "layers/W_b": "du_backward",
+    "layers/W_uf": "duc_forward", "layers/W_ub": "duc_backward", "layers/W_l": "dol", "layers/W_o": "do",
+    "layers/ssm_f": "fs4", "layers/ssm_b": "bs4",
+    "pooler": "s4_bert/pooler/dense",
+    "mlm/dense": "cls/predictions/transform/dense", "mlm/norm": "cls/predictions/transform/LayerNorm",
+    "mlm/bias": "cls/predictions/bias", "mlm/decoder": "cls/predictions/decoder/kernel",
+    "classifier": "classifier", "qa_outputs": "qa_outputs",
+}
+
+
+def flatten(tree, prefix=""):
+    """{'a': {'b': x}} -> {'a/b': x}"""
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    return {k: v for key, sub in tree.items() for k, v in flatten(sub, f"{prefix}/{key}" if prefix else key).items()}
+
+
+def unflatten(flat):
+    tree = {}
+    for path, value in flat.items():
+        *parents, leaf = path.split("/")
+        node = tree
+        for name in parents:
+            node = node.setdefault(name, {})
+        node[leaf] = value
+    return tree
+
+
+def official_path(path, layer=None):
+    prefix = max((k for k in OFFICIAL_NAMES if path == k or path.startswith(k + "/")), key=len)
+    name = OFFICIAL_NAMES[prefix] + path[len(prefix):]
+    return name if layer is None else f"s4_bert/encoder/layer/{layer}/{name}"
+
+
+def to_official(params):
+    """Our params -> {official '/'-joined path: array}, the layers unstacked."""
+    out = {}
+    for path, x in flatten(params).items():
+        x = np.asarray(x)
+        if path.startswith("layers/"):
+            out.update({official_path(path, i): x[i] for i in range(x.shape[0])})
+        else:
+            out[official_path(path)] = x
+    return out
+
+
+# msgpack as Flax writes it: nested maps; each array an ext object (code 1) holding (shape, dtype name, bytes).
+def _pack_array(x):
+    import msgpack
+    x = np.ascontiguousarray(x)
+    return msgpack.ExtType(1, msgpack.packb((x.shape, x.dtype.name, x.tobytes()), use_bin_type=True))
+
+
+def _unpack_array(code, data):
+    import msgpack
+    if code != 1:
+        raise ValueError(f"unsupported msgpack ext type {code} (only arrays, type 1, are expected)")
+    shape, dtype, buffer = msgpack.unpackb(data, raw=False)
+    return np.frombuffer(buffer, dtype=np.dtype(dtype)).reshape(shape)
+
+
+def save_msgpack(path, flat):
+    """Writes {'/'-joined path: array} as a Flax msgpack file, atomically (a temporary file, then a rename)."""
+    import msgpack
+    data = msgpack.packb(unflatten({k: _pack_array(v) for k, v in flat.items()}), use_bin_type=True)
+    write_atomic(path, data)
+
+
+def load_msgpack(path):
+    import msgpack
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        return flatten(msgpack.unpackb(data, ext_hook=_unpack_array, raw=False, strict_map_key=False))
+    except (ValueError, TypeError, msgpack.UnpackException) as e:  # truncated or not msgpack
+        raise ValueError(f"{path}: not a complete Flax msgpack file ({e})") from e
+
+
+def write_atomic(path, data):
+    """Write bytes, or an iterable of bytes written in turn (a file too large to hold), to path so that a crash
+    leaves either the old file or the new one, never half of one. Each call writes a file of its own first, so
+    that processes writing the same path do not meet."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for chunk in [data] if isinstance(data, bytes) else data:
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def config_from_json(d):
+    """Config from an official (or our) config.json dict; unknown keys are ignored."""
+    for key, supported in (("hidden_act", "gelu"), ("pre_norm", True), ("position_embedding_type", "absolute")):
+        if d.get(key, supported) != supported:
+            raise ValueError(f"config.json has {key}={d[key]!r}; only {supported!r} is supported")
+    names = {f.name for f in dataclasses.fields(Config)} - set(RUN_SETTINGS)  # older files may hold dtype, remat
+    kwargs = {k: v for k, v in d.items() if k in names}
+    if "id2label" in d:  # the official config writes num_labels only through id2label
+        kwargs["num_labels"] = len(d["id2label"])
+    return Config(**kwargs)
+
+
+def head_of(d):
+    """The head named by a config.json's 'architectures' (default: mlm)."""
+    arch = (d.get("architectures") or ["BiGSForMaskedLM"])[0]
+    heads = {v: k for k, v in ARCHITECTURES.items()}
+    if arch not in heads:
+        raise ValueError(f"config.json names architecture {arch!r}; known: {', '.join(heads)}")
+    return heads[arch]
+
+
+def save_pretrained(path, config, params, head="mlm"):
+    """Writes config.json (the model: every field but the RUN_SETTINGS) and flax_model.msgpack into the
+    folder path (created if needed)."""
+    os.makedirs(path, exist_ok=True)
+    save_msgpack(os.path.join(path, "flax_model.msgpack"), to_official(params))
+    d = {k: v for k, v in dataclasses.asdict(config).items() if k not in RUN_SETTINGS}
+    d.update(architectures=[ARCHITECTURES[head]], model_type="BiGS")
+    if head == "classification":
+        d["id2label"] = {str(i): f"LABEL_{i}" for i in range(config.num_labels)}
+    write_atomic(os.path.join(path, "config.json"), json.dumps(d, indent=2).encode())
+
+
+def from_pretrained(path_or_hub_id, **overrides):
+    """(config, params) from a checkpoint folder (official Flax or ours) or a hub id such as
+    'JunxiongWang/BiGS_4096' (downloaded with huggingface_hub). overrides replace config fields, e.g.
+    mask_padding=False, or the run settings dtype='bfloat16', remat=True, fast=False. Every parameter must be
+    present with its expected shape."""
+    path = path_or_hub_id
+    if not os.path.isdir(path):
+        if os.path.exists(path) or path.count("/") != 1:
+            raise FileNotFoundError(f"{path}: not a checkpoint folder (config.json + flax_model.msgpack) nor a hub id")
+        import huggingface_hub
+        try:
+            path = huggingface_hub.snapshot_download(path, allow_patterns=["config.json", "flax_model.msgpack"])
+        except Exception as e:  # offline, or an id the hub does not have: many kinds of error
+            raise FileNotFoundError(f"{path}: no such folder, and the hub cannot give it "
+                                    f"({type(e).__name__}); offline, give a local checkpoint folder") from e
+    files = [os.path.join(path, name) for name in ("config.json", "flax_model.msgpack")]
+    for f in files:
+        if not os.path.isfile(f):
+            raise FileNotFoundError(f"{f}: missing (a checkpoint folder holds config.json and flax_model.msgpack)")
+    with open(files[0]) as f:
+        try:
+            d = json.load(f)
+        except ValueError as e:
+            raise ValueError(f"{files[0]}: not valid JSON ({e})") from e
+    config = dataclasses.replace(config_from_json(d), **overrides)
+    head = head_of(d)
+    found = load_msgpack(files[1])
+    expected = jax.eval_shape(lambda: init_params(config, jax.random.key(0), head))
+    flat = {}
+    for ours, spec in flatten(expected).items():
+        if ours.startswith("layers/"):
+            names = [official_path(ours, i) for i in range(config.num_hidden_layers)]
+            shape = spec.shape[1:]
+        else:
+            names, shape = [official_path(ours)], spec.shape
+        arrays = []
+        for name in names:
+            if name not in found:
+                raise ValueError(f"{files[1]}: parameter {name} is missing (expected shape {tuple(shape)})")
+            x = found.pop(name)
+            if x.shape != tuple(shape):
+                raise ValueError(f"{files[1]}: parameter {name} has shape {x.shape}, config.json implies {tuple(shape)}")
+            arrays.append(x)
+        flat[ours] = jnp.asarray(np.stack(arrays) if ours.startswith("layers/") else arrays[0], spec.dtype)
+    if found:
+        raise ValueError(f"{files[1]}: unknown parameter(s) for {ARCHITECTURES[head]}: {', '.join(sorted(found))}")
+    return config, unflatten(flat)
+
+
