@@ -850,6 +850,7 @@ def write_atomic(path, data):
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
     try:
+        os.chmod(tmp, 0o666 & ~umask())  # as open() would make it (mkstemp's is 0600): readable by other users
         with os.fdopen(fd, "wb") as f:
             for chunk in [data] if isinstance(data, bytes) else data:
                 f.write(chunk)
@@ -861,15 +862,39 @@ def write_atomic(path, data):
         raise
 
 
+def umask():
+    """The process's file-creation mask."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def config_from_json(d):
-    """Config from an official (or our) config.json dict; unknown keys are ignored."""
+    """Config from an official (or our) config.json dict; unknown keys are ignored, known ones must hold a value
+    of their field's kind (a size a whole number of at least 1)."""
+    if not isinstance(d, dict):
+        raise ValueError(f"config.json holds a {type(d).__name__}, not a JSON object")
     for key, supported in (("hidden_act", "gelu"), ("pre_norm", True), ("position_embedding_type", "absolute")):
         if d.get(key, supported) != supported:
             raise ValueError(f"config.json has {key}={d[key]!r}; only {supported!r} is supported")
     names = {f.name for f in dataclasses.fields(Config)} - set(RUN_SETTINGS)  # older files may hold dtype, remat
     kwargs = {k: v for k, v in d.items() if k in names}
     if "id2label" in d:  # the official config writes num_labels only through id2label
+        if not isinstance(d["id2label"], dict):
+            raise ValueError(f"config.json has id2label={d['id2label']!r}, not a mapping")
         kwargs["num_labels"] = len(d["id2label"])
+    for k, v in kwargs.items():
+        default = getattr(Config, k)
+        if isinstance(default, (bool, str)):
+            ok, kind = type(v) is type(default), "true or false" if isinstance(default, bool) else "a string"
+        elif isinstance(default, int):
+            least = 0 if k == "pad_token_id" else 1
+            ok, kind = type(v) is int and v >= least, f"a whole number of at least {least}"
+        else:  # a float, or classifier_dropout (None: hidden_dropout_prob)
+            ok = (default is None and v is None) or (type(v) in (int, float) and 0 <= v < float("inf"))
+            kind = "a number of at least 0"
+        if not ok:
+            raise ValueError(f"config.json has {k}={v!r}, not {kind}")
     return Config(**kwargs)
 
 
@@ -913,13 +938,15 @@ def from_pretrained(path_or_hub_id, **overrides):
     for f in files:
         if not os.path.isfile(f):
             raise FileNotFoundError(f"{f}: missing (a checkpoint folder holds config.json and flax_model.msgpack)")
-    with open(files[0]) as f:
+    with open(files[0], encoding="utf-8") as f:
         try:
             d = json.load(f)
         except ValueError as e:
             raise ValueError(f"{files[0]}: not valid JSON ({e})") from e
-    config = dataclasses.replace(config_from_json(d), **overrides)
-    head = head_of(d)
+    try:
+        config, head = dataclasses.replace(config_from_json(d), **overrides), head_of(d)
+    except ValueError as e:  # the message begins 'config.json ...'
+        raise ValueError(f"{os.path.dirname(files[0])}/{e}") from e
     found = load_msgpack(files[1])
     expected = jax.eval_shape(lambda: init_params(config, jax.random.key(0), head))
     flat = {}

@@ -193,7 +193,7 @@ def load_model(args, task, num_labels):
         return config, params, tok, list(params)
     path = args.model_name_or_path
     config, params, tok, fresh = running.from_checkpoint(path, args.tokenizer, head, jax.random.key(args.seed),
-                                                       num_labels=num_labels)
+                                                         new=("classifier",), num_labels=num_labels)
     print(f"finetune.py: from {path}; newly initialised: {', '.join(fresh)}")
     return config, params, tok, fresh
 
@@ -275,8 +275,8 @@ def make_steps(config, args, params, shardings, mesh, regression, total_steps):
     def train_step(state, batch):
         rng = jax.random.fold_in(state["key"], state["step"] + 1)
         (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], config, regression, batch, rng)
-        state, lr, _ = train.apply_gradients(state, grads, groups, args, warmup, total_steps)
-        return state, {"loss": loss, "lr": lr}
+        state, update = train.apply_gradients(state, loss, grads, groups, args, warmup, total_steps)
+        return state, {"loss": loss, **update}
 
     def predict(params, batch):
         return loss_fn(params, config, regression, batch, None)[1]
@@ -308,8 +308,7 @@ def evaluate(predict, params, task, examples, labels, batch_size, mesh):
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description="Finetune BiGS on a GLUE task.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = running.Parser("Finetune BiGS on a GLUE task.")
     p.add_argument("--task", help=f"one of {', '.join(TASKS)}")
     p.add_argument("--model_name_or_path", default=None, help="a train.py or official checkpoint folder, or a hub id")
     p.add_argument("--init", default="pretrained", choices=["pretrained", "scratch"])
@@ -375,7 +374,7 @@ def run(args):
         params = rescale_embeddings(params, args.embedding_rms)
     if args.max_seq_length is None:
         args.max_seq_length = min(128, config.max_position_embeddings)
-    running.check_finetuning_model(args, config, mesh, name, given)
+    running.check_finetuning_model(args, config, mesh, name, given, len(task.columns))
     config = running.run_config(config, args)
     data = load_task_data(args, task)
     examples = {split: tokenize(tok, d, args.max_seq_length) for split, d in data.items()}
@@ -383,6 +382,8 @@ def run(args):
         params = fit_pooler(params, config, examples["train"])
 
     total = max(1, round(args.epochs * -(-len(examples["train"]) // args.batch_size)))
+    if total > running.BIG:
+        raise UsageError(f"--epochs {args.epochs:g} makes {total} steps; at most {running.BIG}")
     state, shardings = train.train_state(params, args.seed + 1, mesh)
     train_step, predict = make_steps(config, args, params, shardings, mesh, regression, total)
     with running.claim(args.out, fresh=True, resume_hint=False), jax.set_mesh(mesh):  # kernels on every device
@@ -402,6 +403,10 @@ def train_and_evaluate(args, task, config, tok, state, train_step, predict, data
         while step < total:
             for batch in batches(examples["train"], data["train"]["label"], args.batch_size, rng.permutation(n_train)):
                 state, m = train_step(state, tuple(running.global_array(x, data_sharding) for x in batch))
+                if not m["applied"]:
+                    log.bar.close()
+                    raise running.NotFinite(f"step {step + 1} was not applied: its loss ({float(m['loss']):.4g}), "
+                                            f"gradient norm or new weights are not finite; stopping, nothing saved")
                 step += 1
                 log.step(loss=f"{float(m['loss']):.4f}", lr=f"{float(m['lr']):.2e}")
                 if step % eval_every == 0 or step == total:

