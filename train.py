@@ -1,13 +1,12 @@
 """Masked-LM pretraining of BiGS, from a laptop CPU to many accelerators.
 
     python train.py --seq_len 4096                       # the embedded Wikipedia corpus, model 'small'
-    python train.py --model large --tokenizer bert-large-uncased --dataset wikitext \
-        --dataset_config wikitext-103-raw-v1 --seq_len 4096 --bf16      # a real run, online
+    python train.py --recipe gpu                          # the shipped checkpoint's run, on one GPU
     python train.py --benchmark --model large --seq_len 4096 --bf16      # train-step tokens/s
 
-Top to bottom: the data (text, a WordPiece tokenizer, blocks of token ids), masking and the loss, AdamW, the
-mesh and its named shardings (axes 'data', over which the batch is split, and 'model'), the train step (one
-jax.jit), the loop, the command line. What running for real needs is in running.py.
+Top to bottom: the data (text, a tokenizer, blocks of token ids), masking and the loss, AdamW, the mesh and its
+named shardings (axes 'data', over which the batch is split, and 'model'), the train step (one jax.jit), the
+loop, the command line. What running for real needs is in running.py.
 """
 
 import functools
@@ -392,11 +391,15 @@ def train_loop(args, config, state, tok, train_step, eval_step, mesh, train_bloc
 
 
 # ----------------------------------------------------------------------------------------------------
-# The command line.
+# The command line. RECIPES: named runs; gpu, that of the shipped checkpoint (checkpoints/mini), an H100 minute.
+
+RECIPES = {"gpu": dict(model="mini", dataset="general", seq_len=512, batch_size=64, steps=4000, lr=1e-3, warmup=300,
+                       unchanged=0.1, bf16=True, eval_every=500, save_every=1000, out="runs/mini")}
 
 
 def parse_args(argv):
     p = running.Parser("Masked-LM pretraining of BiGS.")
+    p.add_argument("--recipe", choices=sorted(RECIPES), help="a RECIPES run: its settings, for the flags not given")
     p.add_argument("--model", default="small", choices=sorted(bigs.PRESETS), help="a bigs.PRESETS model")
     p.add_argument("--init", default=None, metavar="CHECKPOINT", help="start from a checkpoint's weights (a folder "
                    "or hub id) with a fresh optimiser; its tokenizer.json or --tokenizer; a longer --seq_len repeats "
@@ -414,7 +417,7 @@ def parse_args(argv):
                    "then without weight decay (S4: 0.1); default: like every other weight, as the official code")
     p.add_argument("--dataset", default="wiki-offline",
                    help="'wiki-offline' (embedded), a datasets hub name, or .txt / .json(l) files, comma-separated")
-    p.add_argument("--dataset_config", default=None, help="the hub dataset's configuration name")
+    p.add_argument("--dataset_config", help="the hub dataset's configuration name")
     p.add_argument("--text_column", default="text")
     p.add_argument("--tokenizer", default=None,
                    help="a vocab.txt, a tokenizer.json or a hub id; default: train a WordPiece on the corpus")
@@ -431,6 +434,7 @@ def parse_args(argv):
     p.add_argument("--plot", metavar="FOLDER", help="draw losses.png and kernels.png for a run or checkpoint folder")
     running.add_device_flags(p)
     args = running.parse_with_given(p, argv)
+    vars(args).update({k: v for k, v in RECIPES.get(args.recipe, {}).items() if k not in args.given})
     if args.batch_size is None:
         args.batch_size = max(1, 8192 // max(args.seq_len, 1))
     return args
