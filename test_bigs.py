@@ -1411,7 +1411,7 @@ BAD_INPUT = [
         ("--eval_fraction", "0", "--eval_fraction 0.0 must be in (0, 1)"), ("--eval_fraction", "1", "must be in (0, 1)"),
         ("--eval_fraction", "0.999", "too few for an eval split of --eval_fraction 0.999"),
         ("--eval_every", "0", "at least 1"), ("--save_every", "0", "at least 1"), ("--log_every", "-5", "at least 1"),
-        ("--eval_batches", "0", "at least 1"), ("--seed", "-1", "--seed -1 must be in 0..4294967295"),
+        ("--eval_batches", "0", "at least 1"), ("--seed", "-1", "--seed -1 must be at least 0"),
         ("--seed", "4294967296", "must be at most 2147483647"), ("--peer_timeout", "0", "must be positive"),
         ("--steps", "many", "argument --steps: invalid int value: 'many'"),
         ("--model", "huge", "argument --model: invalid choice: 'huge'"), ("--stpes", "5", "unrecognized arguments"))],
@@ -1519,7 +1519,7 @@ BAD_INPUT = [
         ("--eps", "-1", "--eps -1.0 must be positive", {}), ("--clip_grad", "0", "must be positive", {}),
         ("--eval_every", "0", "at least 1", {}), ("--train_limit", "0", "at least 1", {}),
         ("--train_limit", "11", "--train_limit 11 exceeds the 2 training examples", {}),
-        ("--seed", "-1", "--seed -1 must be in 0..4294967295", {}),
+        ("--seed", "-1", "--seed -1 must be at least 0", {}),
         ("--batch_size", "3000000000", "must be at most 2147483647", {}))],
     # finetune.py's data and model
     *[("finetune data", f"finetune_{name}", "finetune.py", with_files(make), message) for name, make, message in (

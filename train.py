@@ -415,8 +415,8 @@ def parse_args(argv):
                                 lr_help="peak learning rate (the paper's large model: 6e-4)")
     p.add_argument("--ssm_lr_scale", type=float, default=None, help="learning-rate scale for the SSMs' A and step, "
                    "then without weight decay (S4: 0.1); default: like every other weight, as the official code")
-    p.add_argument("--dataset", default="wiki-offline",
-                   help="'wiki-offline' (embedded), a datasets hub name, or .txt / .json(l) files, comma-separated")
+    p.add_argument("--dataset", default="wiki-offline", help="an embedded corpus (running.CORPORA: wiki-offline, "
+                   "general, general+tasks), a datasets hub name, or .txt / .json(l) files, comma-separated")
     p.add_argument("--dataset_config", help="the hub dataset's configuration name")
     p.add_argument("--text_column", default="text")
     p.add_argument("--tokenizer", default=None,
