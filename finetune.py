@@ -354,7 +354,8 @@ def main(argv=None):
 
 def run(args):
     if args.plot:
-        print("wrote", running.plot_curve(args.plot, {name: main_score(task) for name, task in TASKS.items()}))
+        path, lines = running.plot_curve(args.plot, {name: main_score(task) for name, task in TASKS.items()})
+        print("\n".join(lines) + "\nwrote " + path)
         return 0
     running.check_finetuning(args, TASKS)
     running.start_processes(args)

