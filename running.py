@@ -1205,10 +1205,12 @@ def plot_curve(folder, scores):
         raise UsageError(f"no finetuning runs (metrics.json) under {folder}")
     plt = pyplot()
     tasks = sorted({r["task"] for r in runs})
+    starts = sorted({r["start"] for r in runs})  # one colour a start in every panel
     fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4.5), squeeze=False)
     lines = []
     for ax, name in zip(axes[0], tasks):
-        for i, start in enumerate(sorted({r["start"] for r in runs if r["task"] == name})):
+        for start in sorted({r["start"] for r in runs if r["task"] == name}):
+            i = starts.index(start)
             mine = [r for r in runs if r["task"] == name and r["start"] == start]
             n = sorted({r["n"] for r in mine})
             points = [[r["score"] for r in mine if r["n"] == x] for x in n]
